@@ -1,0 +1,112 @@
+"""The cache configuration: one frozen, typed value stored with every session."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+CacheKind = Literal["full", "rotating"]
+
+#: Bit widths MLX's affine quantization supports for KV tensors.
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
+#: Group sizes MLX's affine quantization supports.
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+#: Bit widths for which a Hadamard-rotated cache is offered.
+ROTATED_BITS = (3, 4, 8)
+
+
+class CacheConfigError(ValueError):
+    """A cache configuration that cannot work (one sentence, says what to change)."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the KV cache of a chat is laid out.
+
+    The same value chooses the cache classes, predicts memory, and is written
+    into every saved session so a session is never resumed under another layout.
+    """
+
+    kind: CacheKind = "full"
+    window: int = 4096  # rotating only: recent tokens kept besides the sinks
+    sinks: int = 4  # rotating only: leading tokens never evicted (attention sinks)
+    k_bits: int | None = None  # None keeps keys in the model's float dtype
+    v_bits: int | None = None  # None keeps values in the model's float dtype
+    group_size: int = 64  # quantization group along head_dim
+    keep_fp: int = 0  # leading tokens also kept unquantized (e.g. the system prompt)
+    rotate: bool = False  # Hadamard-rotate K/V before quantizing (spreads outliers)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "rotating"):
+            raise CacheConfigError(f"Unknown cache kind {self.kind!r}: use 'full' or 'rotating'.")
+        for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
+            if bits is not None and bits not in SUPPORTED_BITS:
+                raise CacheConfigError(
+                    f"{bits}-bit {name} quantization is not supported: use one of "
+                    f"{', '.join(map(str, SUPPORTED_BITS))}."
+                )
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise CacheConfigError(
+                f"KV group size {self.group_size} is not supported: use 32, 64 or 128."
+            )
+        if self.kind == "rotating":
+            if self.window < 1:
+                raise CacheConfigError("The rotating window must hold at least 1 token.")
+            if self.sinks < 0:
+                raise CacheConfigError("The number of attention sinks cannot be negative.")
+        if self.keep_fp < 0:
+            raise CacheConfigError("keep_fp cannot be negative.")
+        if self.kind == "rotating" and self.keep_fp > self.sinks:
+            raise CacheConfigError(
+                "In a rotating cache only sink tokens can stay unquantized: "
+                "set keep_fp to at most the number of sinks."
+            )
+        if self.rotate:
+            if not self.quantized:
+                raise CacheConfigError("Hadamard rotation only applies to a quantized cache: set --kv-bits.")
+            for bits in (self.k_bits, self.v_bits):
+                if bits is not None and bits not in ROTATED_BITS:
+                    raise CacheConfigError(
+                        f"Rotated quantization supports 3, 4 or 8 bits, not {bits}."
+                    )
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_bits is not None or self.v_bits is not None
+
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens the cache ever holds, or None when it grows without bound."""
+        return self.window + self.sinks if self.kind == "rotating" else None
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise CacheConfigError when this layout cannot store heads of `head_dim`."""
+        if self.quantized and head_dim % self.group_size:
+            raise CacheConfigError(
+                f"Head dimension {head_dim} is not a multiple of KV group size "
+                f"{self.group_size}: choose a group size that divides it."
+            )
+        if self.rotate and head_dim & (head_dim - 1):
+            raise CacheConfigError(
+                f"Hadamard rotation needs a power-of-two head dimension, not {head_dim}."
+            )
+
+    def label(self) -> str:
+        """Short human label such as 'full', 'q4', 'rotating 512+4 q4/q8 rot'."""
+        parts = ["full" if self.kind == "full" else f"rotating {self.window}+{self.sinks}"]
+        if self.quantized:
+            k = f"q{self.k_bits}" if self.k_bits else "fp"
+            v = f"q{self.v_bits}" if self.v_bits else "fp"
+            parts.append(k if k == v else f"{k}/{v}")
+            if self.rotate:
+                parts.append("rot")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CacheConfig":
+        """Build from a dict, ignoring unknown keys (forward compatible)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
