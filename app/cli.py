@@ -1,0 +1,339 @@
+"""The `kvchat` command line: the TUI by default, plus ask, info, sessions and bench.
+
+Every user error ends as one sentence on stderr and exit code 2; a traceback
+means a bug in kvchat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from typing import Any, NoReturn, Sequence
+
+# transformers prints a PyTorch notice at import that means nothing for MLX models.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from . import __version__  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Bad input: printed as one sentence, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse's default prints the whole usage
+        message = message[0].upper() + message[1:]
+        self.exit(EXIT_USAGE, f"kvchat: {message}. Run '{self.prog} --help' for the options.\n")
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--cache", choices=["full", "rotating"], help="cache kind (default: full)")
+    g.add_argument("--window", type=int, help="rotating: recent tokens kept (default 4096)")
+    g.add_argument("--sinks", type=int, help="rotating: leading tokens never evicted (default 4)")
+    g.add_argument("--kv-bits", type=int, help="quantize keys and values to B bits (2,3,4,6,8)")
+    g.add_argument("--k-bits", type=int, help="bits for keys only")
+    g.add_argument("--v-bits", type=int, help="bits for values only")
+    g.add_argument("--kv-group-size", type=int, help="quantization group size (32, 64, 128)")
+    g.add_argument("--kv-keep-fp", type=int, help="leading tokens kept unquantized")
+    g.add_argument("--kv-rotate", action="store_true", default=None, help="Hadamard-rotate K/V before quantizing")
+    g.add_argument("--kv-budget", help="KV memory budget such as 2GB (default: what the device can spare)")
+    g.add_argument("--on-budget", choices=["rotate", "refuse"], default="rotate",
+                   help="when a chat would exceed the budget: switch to a rotating window, or refuse")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, help="most tokens in the answer (default 512)")
+    g.add_argument("--temp", type=float, help="temperature; 0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--min-p", type=float, help="min-p filter (default 0.05)")
+    g.add_argument("--repetition-penalty", type=float, help="penalty for recent tokens (default 1.1)")
+    g.add_argument("--seed", type=int, help="seed for repeatable sampling")
+    g.add_argument("--stop", action="append", default=None, help="extra stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kvchat", description="Chat with a local LLM in the terminal. With no command, opens the chat app.")
+    p.add_argument("--version", action="version", version=f"kvchat {__version__}")
+    p.add_argument("--model", "-m", help="model: HF repo id, MLX/HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--session", "-s", help="open (or create) this session in the app")
+    _cache_args(p)
+    _sampling_args(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    a = sub.add_parser("ask", help="answer one prompt on stdout")
+    a.add_argument("prompt", help="the question")
+    a.add_argument("--model", "-m", dest="sub_model", help=argparse.SUPPRESS)
+    a.add_argument("--system", help="system prompt")
+    a.add_argument("--session", "-s", dest="sub_session", help="continue (or create) this saved session")
+    a.add_argument("--json", action="store_true", help="print one JSON object with text, finish_reason and stats")
+    _cache_args(a)
+    _sampling_args(a)
+
+    i = sub.add_parser("info", help="describe a model and what fits in memory")
+    i.add_argument("--model", "-m", dest="sub_model", help=argparse.SUPPRESS)
+    i.add_argument("--kv-budget", help="KV memory budget such as 2GB")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("setup", help="fetch and convert the embedded model (done automatically on first use)")
+
+    from .sessions_cli import add_sessions_parser
+
+    add_sessions_parser(sub)
+    return p
+
+
+def _merged(args: argparse.Namespace, name: str) -> Any:
+    """A flag given after the subcommand wins over the same flag before it."""
+    sub = getattr(args, f"sub_{name}", None)
+    return sub if sub is not None else getattr(args, name, None)
+
+
+def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
+    """CacheConfig from flags (over `base`, e.g. saved settings)."""
+    from mlx_cache import CacheConfig, CacheConfigError
+
+    fields = dict(base.to_dict()) if base is not None else {}
+    if getattr(args, "cache", None):
+        fields["kind"] = args.cache
+    if getattr(args, "window", None) is not None:
+        fields["window"] = args.window
+        fields.setdefault("kind", "rotating")
+    if getattr(args, "sinks", None) is not None:
+        fields["sinks"] = args.sinks
+    if getattr(args, "kv_bits", None) is not None:
+        fields["k_bits"] = fields["v_bits"] = args.kv_bits
+    if getattr(args, "k_bits", None) is not None:
+        fields["k_bits"] = args.k_bits
+    if getattr(args, "v_bits", None) is not None:
+        fields["v_bits"] = args.v_bits
+    if getattr(args, "kv_group_size", None) is not None:
+        fields["group_size"] = args.kv_group_size
+    if getattr(args, "kv_keep_fp", None) is not None:
+        fields["keep_fp"] = args.kv_keep_fp
+    if getattr(args, "kv_rotate", None):
+        fields["rotate"] = True
+    try:
+        return CacheConfig.from_dict(fields)
+    except CacheConfigError as e:
+        raise UserError(str(e)) from None
+
+
+def sampling_from(args: argparse.Namespace, base: Any = None) -> Any:
+    from models.sample import SamplingConfig
+
+    base = base or SamplingConfig()
+    changes: dict[str, Any] = {}
+    for flag, name in (("max_tokens", "max_tokens"), ("temp", "temperature"), ("top_p", "top_p"),
+                       ("min_p", "min_p"), ("repetition_penalty", "repetition_penalty"), ("seed", "seed")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[name] = value
+    if getattr(args, "stop", None):
+        changes["stop"] = tuple(args.stop)
+    try:
+        return base.with_(**changes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def kv_budget_from(args: argparse.Namespace) -> int | None:
+    text = getattr(args, "kv_budget", None)
+    if not text:
+        return None
+    from mlx_cache.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(spec: str | None) -> Any:
+    from models.load import load_model
+
+    return load_model(spec, progress=_progress)
+
+
+def make_engine(args: argparse.Namespace, loaded: Any) -> Any:
+    from mlx_cache.memory import default_kv_budget
+    from models.engine import Engine
+
+    budget = kv_budget_from(args)
+    if budget is None:
+        budget = default_kv_budget(loaded.weights_bytes)
+    return Engine(loaded, kv_budget=budget, on_budget=getattr(args, "on_budget", "rotate") or "rotate")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from models.chat import Chat
+    from models.engine import Finished, TextDelta
+
+    prompt = args.prompt
+    if not prompt.strip():
+        raise UserError("The prompt is empty: pass the question in quotes, e.g. kvchat ask \"What is MLX?\".")
+    cache_config = cache_config_from(args)
+    sampling = sampling_from(args)
+    budget = kv_budget_from(args)  # validate before the slow model load
+    loaded = load(_merged(args, "model"))
+    engine = make_engine(args, loaded)
+    session = _merged(args, "session")
+    if session:
+        from mlx_cache.store import SessionStore
+
+        explicit = any(getattr(args, f, None) is not None for f in ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate"))
+        chat = Chat.open(engine, SessionStore(), session, cache_config=cache_config if explicit else None, sampling=sampling)
+        if args.system:
+            chat.set_system(args.system)
+    else:
+        chat = Chat(engine, cache_config, sampling, system=args.system)
+    del budget
+    cancel = threading.Event()
+    finished = None
+    try:
+        for event in chat.send(prompt, cancel):
+            if isinstance(event, TextDelta) and not args.json:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, Finished):
+                finished = event
+    except KeyboardInterrupt:
+        cancel.set()
+        return 130
+    finally:
+        chat.close()
+    assert finished is not None
+    if args.json:
+        stats = finished.stats.to_dict()
+        stats["cache"] = chat.usage()
+        out = {"text": finished.text, "finish_reason": finished.reason, "stats": stats}
+        if session:
+            out["session"] = session
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mlx_cache import CacheConfig
+    from mlx_cache.memory import default_kv_budget, format_bytes, max_tokens
+    from models.load import model_info
+
+    loaded = load(_merged(args, "model"))
+    info = model_info(loaded)
+    budget = kv_budget_from(args) or default_kv_budget(loaded.weights_bytes)
+    kinds = {
+        "full": CacheConfig(),
+        "q8": CacheConfig(k_bits=8, v_bits=8),
+        "q4": CacheConfig(k_bits=4, v_bits=4),
+        "rotating": CacheConfig(kind="rotating"),
+        "rotating-q4": CacheConfig(kind="rotating", k_bits=4, v_bits=4),
+    }
+    fits = {}
+    for label, cfg in kinds.items():
+        n = max_tokens(loaded.kv_shape, cfg, budget)
+        if n is not None and loaded.max_context and cfg.kind == "full":
+            n = min(n, loaded.max_context)  # the model cannot attend further anyway
+        fits[label] = "unbounded" if n is None else n
+    info["kv_budget_bytes"] = budget
+    info["max_context_in_budget"] = fits
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    rows = [
+        ("model", info["name"]),
+        ("path", info["path"]),
+        ("architecture", info["architecture"]),
+        ("parameters", f"{info['parameters'] / 1e6:.1f} M"),
+        ("weights", format_bytes(info["weight_bytes"])),
+        ("layers", info["layers"]),
+        ("KV heads", info["kv_heads"]),
+        ("head dim", info["head_dim"]),
+        ("KV bytes/token", f"{info['kv_bytes_per_token']:,} (full cache)"),
+        ("max context", info["max_context"] or "unknown"),
+        ("KV budget", format_bytes(budget)),
+    ]
+    for k, v in rows:
+        print(f"{k:>16}  {v}")
+    print("longest context in budget:")
+    for label, n in fits.items():
+        shown = "unbounded (window)" if n == "unbounded" else f"{n:,} tokens"
+        print(f"{label:>16}  {shown}")
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from models.embedded import ensure_embedded_model
+
+    path = ensure_embedded_model(progress=_progress)
+    print(f"Embedded model ready in {path}")
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from .tui import run_tui
+
+    explicit = any(getattr(args, f, None) is not None for f in ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate"))
+    return run_tui(
+        model=args.model,
+        cache_config=cache_config_from(args) if explicit else None,
+        sampling=sampling_from(args) if any(getattr(args, f, None) is not None for f in ("max_tokens", "temp", "top_p", "min_p", "repetition_penalty", "seed", "stop")) else None,
+        session=args.session,
+        kv_budget=kv_budget_from(args),
+        on_budget=args.on_budget,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mlx_cache.config import CacheConfigError
+    from models.errors import ModelError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"ask": cmd_ask, "info": cmd_info, "setup": cmd_setup}
+    try:
+        if args.command is None:
+            code = cmd_tui(args)
+        elif args.command in handlers:
+            code = handlers[args.command](args)
+        else:
+            code = args.handler(args)
+    except (UserError, ModelError, CacheConfigError) as e:
+        print(f"kvchat: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # errors from the engine and the store carry one-sentence messages
+        if _is_user_facing(e):
+            print(f"kvchat: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    return code
+
+
+def _is_user_facing(e: Exception) -> bool:
+    from models.engine import EngineError
+
+    if isinstance(e, EngineError):
+        return True
+    try:
+        from mlx_cache.store import StoreError
+    except ImportError:
+        return False
+    return isinstance(e, StoreError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`kvchat sessions ...`: list, show, rename, rm, fork, export and gc saved chats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_sessions_parser(sub: Any) -> None:
+    s = sub.add_parser("sessions", help="manage saved chats")
+    ss = s.add_subparsers(dest="sessions_command", metavar="ACTION", required=True, parser_class=type(s))
+
+    p = ss.add_parser("list", help="list sessions, newest first")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_list)
+
+    p = ss.add_parser("show", help="show one session's details and conversation")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_show)
+
+    p = ss.add_parser("rename", help="rename a session")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.set_defaults(handler=cmd_rename)
+
+    p = ss.add_parser("rm", help="delete a session (its shared KV blocks stay until gc)")
+    p.add_argument("names", nargs="+")
+    p.set_defaults(handler=cmd_rm)
+
+    p = ss.add_parser("fork", help="copy a session instantly (shares its KV blocks)")
+    p.add_argument("src")
+    p.add_argument("new")
+    p.set_defaults(handler=cmd_fork)
+
+    p = ss.add_parser("export", help="export a session as Markdown or as an mlx-lm prompt cache")
+    p.add_argument("name")
+    p.add_argument("out", nargs="?", help="output file (required for mlx-lm; Markdown goes to stdout without it)")
+    p.add_argument("--format", choices=["markdown", "mlx-lm"], default="markdown")
+    p.set_defaults(handler=cmd_export)
+
+    p = ss.add_parser("gc", help="delete KV blocks no session references")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=cmd_gc)
+
+
+def _store() -> Any:
+    from mlx_cache.store import SessionStore
+
+    return SessionStore()
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mlx_cache.memory import format_bytes
+
+    metas = _store().list()
+    if args.json:
+        print(json.dumps([
+            {"name": m.name, "title": m.title, "model": m.model_name, "tokens": m.tokens,
+             "bytes_on_disk": m.bytes_on_disk, "updated": m.updated, "cache": m.cache_config.label()}
+            for m in metas
+        ]))
+        return 0
+    if not metas:
+        print("No sessions yet: 'kvchat ask \"...\" --session NAME' or the chat app creates one.")
+        return 0
+    print(f"{'NAME':<24} {'TITLE':<36} {'MODEL':<24} {'TOKENS':>7} {'SIZE':>9}  UPDATED")
+    for m in metas:
+        print(f"{m.name[:24]:<24} {m.title[:36]:<36} {m.model_name[:24]:<24} {m.tokens:>7} "
+              f"{format_bytes(m.bytes_on_disk):>9}  {_when(m.updated)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    data = _store().read(args.name)
+    m = data.meta
+    if args.json:
+        d = m.to_dict()
+        d["messages"] = data.messages
+        d["sampling"] = data.sampling
+        print(json.dumps(d, default=str))
+        return 0
+    print(f"name      {m.name}\ntitle     {m.title}\nmodel     {m.model_name}\ncache     {m.cache_config.label()}")
+    print(f"tokens    {m.tokens}\ncreated   {_when(m.created)}\nupdated   {_when(m.updated)}\n")
+    for msg in data.messages:
+        print(f"[{msg['role']}] {msg['content']}\n")
+    return 0
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    _store().rename(args.old, args.new)
+    print(f"Renamed {args.old} to {args.new}.")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _store()
+    for name in args.names:
+        store.remove(name)
+        print(f"Deleted {name}.")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    _store().fork(args.src, args.new)
+    print(f"Forked {args.src} as {args.new}.")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .cli import UserError
+
+    store = _store()
+    if args.format == "markdown":
+        text = store.export_markdown(args.name)
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if not args.out:
+        raise UserError("Exporting to mlx-lm needs an output file: kvchat sessions export NAME --format mlx-lm OUT.safetensors.")
+    store.export_mlx_lm(args.name, Path(args.out))
+    print(f"Wrote {args.out}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mlx_cache.memory import format_bytes
+
+    blocks, freed = _store().gc()
+    if args.json:
+        print(json.dumps({"blocks_removed": blocks, "bytes_freed": freed}))
+    else:
+        print(f"Removed {blocks} unreferenced blocks ({format_bytes(freed)}).")
+    return 0

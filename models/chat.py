@@ -1,0 +1,190 @@
+"""A chat: messages, the engine's cache state, and (optionally) its session on disk.
+
+Front ends hold a :class:`Chat` and call :meth:`Chat.send`, :meth:`Chat.regenerate`
+or :meth:`Chat.edit_last`; every finished turn autosaves when the chat has a
+session name. The engine does the model work; the store does the disk work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from mlx_cache import CacheConfig
+
+from .engine import ChatState, Engine, Event, Finished
+from .sample import SamplingConfig
+from .template import Message
+
+if TYPE_CHECKING:
+    from mlx_cache.store import SessionStore
+
+
+def title_from(text: str, limit: int = 48) -> str:
+    """A session title from the first user message."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+
+
+class Chat:
+    """One conversation with one model.
+
+    Args:
+        engine: the engine of the loaded model.
+        cache_config: KV cache layout for a new chat.
+        sampling: sampling settings (saved with the session).
+        store: where sessions live; None keeps the chat in memory only.
+        name: the session name; None for an unsaved chat.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache_config: CacheConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        store: "SessionStore | None" = None,
+        name: str | None = None,
+        system: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.sampling = sampling or SamplingConfig()
+        self.store = store
+        self.name = name
+        self.title = ""
+        self.messages: list[Message] = []
+        self.state: ChatState = engine.new_state(cache_config)
+        self.last: Finished | None = None
+        self.created = time.time()
+        self._lock = None
+        if system:
+            self.messages.append({"role": "system", "content": system})
+
+    # -- sessions -------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        store: "SessionStore",
+        name: str,
+        cache_config: CacheConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        create: bool = True,
+    ) -> "Chat":
+        """Open session `name` (restoring its KV cache without re-prefill), or start it.
+
+        Raises StoreError subclasses with one clear sentence when the session is
+        in use, corrupted, or was made with another model or cache layout.
+        """
+        lock = store.lock(name)
+        try:
+            if store.exists(name):
+                info = store.read(name)
+                chat = cls(engine, info.meta.cache_config, SamplingConfig.from_dict(info.sampling) if not sampling else sampling, store, name)
+                data = store.load(
+                    name,
+                    chat.state.caches,
+                    model_fingerprint=engine.loaded.fingerprint,
+                    cache_config=cache_config,
+                )
+                chat.messages = list(data.messages)  # type: ignore[arg-type]
+                chat.state.tokens = list(data.tokens)
+                chat.title = data.meta.title
+                chat.created = data.meta.created
+            elif create:
+                chat = cls(engine, cache_config, sampling, store, name)
+            else:
+                from mlx_cache.store import SessionNotFound
+
+                raise SessionNotFound(f"There is no session named {name!r}: 'kvchat sessions list' shows them.")
+        except BaseException:
+            lock.release()
+            raise
+        chat._lock = lock
+        return chat
+
+    def close(self) -> None:
+        """Release the session lock (the chat is already saved after every turn)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def save(self) -> None:
+        """Write the turn to disk: only new KV blocks plus the small index."""
+        if self.store is None or self.name is None:
+            return
+        if not self.title:
+            first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+            self.title = title_from(first) if first else self.name
+        self.store.save(
+            self.name,
+            messages=list(self.messages),
+            tokens=list(self.state.tokens),
+            caches=self.state.caches,
+            cache_config=self.state.config,
+            model_name=self.engine.loaded.name,
+            model_fingerprint=self.engine.loaded.fingerprint,
+            sampling=self.sampling.to_dict(),
+            title=self.title,
+            created=self.created,
+        )
+
+    # -- turns ----------------------------------------------------------------
+    def set_system(self, text: str) -> None:
+        """Set (or clear) the system prompt; the next turn re-prefills from the change."""
+        self.messages = [m for m in self.messages if m["role"] != "system"]
+        if text.strip():
+            self.messages.insert(0, {"role": "system", "content": text})
+
+    def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Add a user message and stream the answer."""
+        self.messages.append({"role": "user", "content": text})
+        yield from self._answer(cancel)
+
+    def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Drop the last answer and answer the last user message again."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise ValueError("There is no user message to answer again.")
+        yield from self._answer(cancel)
+
+    def edit_last(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Replace the last user message (and drop its answer), then answer it."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+        yield from self.send(text, cancel)
+
+    def _answer(self, cancel: threading.Event | None) -> Iterator[Event]:
+        self._maybe_reuse_stored_prefix()
+        try:
+            for event in self.engine.generate(self.state, self.messages, self.sampling, cancel):
+                if isinstance(event, Finished):
+                    self.last = event
+                    if event.text or event.reason != "cancelled":
+                        self.messages.append({"role": "assistant", "content": event.text})
+                    else:
+                        self.messages.append({"role": "assistant", "content": ""})
+                yield event
+        except Exception:
+            # the turn never started: forget the message so a retry is clean
+            if self.messages and self.messages[-1]["role"] == "user" and self.last is None:
+                pass
+            raise
+        self.save()
+
+    def _maybe_reuse_stored_prefix(self) -> None:
+        """A new chat whose prompt starts with a stored prefix loads it instead of prefilling."""
+        if self.store is None or self.state.tokens or self.state.config.kind != "full":
+            return
+        target = self.engine.encode(self.messages)
+        found = self.store.load_prefix(
+            self.engine.loaded.fingerprint, self.state.config, target, self.state.caches
+        )
+        if found:
+            self.state.tokens = list(target[:found])
+
+    def usage(self) -> dict[str, Any]:
+        return self.state.usage()

@@ -1,0 +1,347 @@
+"""The one generation engine: every front end (CLI, TUI, benchmarks, tests) uses it.
+
+One turn, in named steps:
+
+1. ``encode_chat``: template the WHOLE history and tokenize it.
+2. ``_reuse``: compare with the token ids the cache holds; keep the longest
+   common prefix, trimming (or restoring a checkpoint where a rotating window
+   has evicted tokens) where the history diverged.
+3. ``_prefill``: run the rest of the prompt but its last token, in chunks.
+4. ``_decode``: feed one token at a time, sampling the next, until EOS, a stop
+   string, the token limit or a cancel; each new token is queued for the
+   device before the previous one is read back, so Python overhead overlaps
+   compute.
+
+The cache always holds exactly ``state.tokens``; a cancel stops after the token
+in flight and leaves that invariant intact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence, Union
+
+import mlx.core as mx
+
+from mlx_cache import CacheConfig, Checkpoint, measure, predict
+from mlx_cache.kinds import make_caches
+from mlx_cache.memory import max_tokens as fit_tokens
+
+from .sample import Sampler, SamplingConfig
+from .template import Message, common_prefix, encode_chat
+
+PREFILL_CHUNK = 512  # a multiple of the caches' 256-token step keeps allocation predictable
+
+FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
+
+
+class EngineError(Exception):
+    """A turn that cannot run (one sentence: what is wrong and what to do)."""
+
+
+class BudgetExceeded(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    prompt_tokens: int  # tokens of the whole templated history
+    reused_tokens: int  # of those, already in the cache
+    prefilled_tokens: int  # of those, run through the model this turn
+    generated_tokens: int
+    ttft_s: float  # request to first token
+    prefill_tok_s: float
+    decode_tok_s: float
+    restored_checkpoint: bool = False
+    switched_to_rotating: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a turn."""
+
+    reason: FinishReason
+    text: str
+    stats: Stats
+
+
+Event = Union[TextDelta, Finished]
+
+
+@dataclass
+class ChatState:
+    """A chat's KV cache and the exact token ids whose keys and values it holds."""
+
+    config: CacheConfig
+    caches: list[Any]
+    tokens: list[int] = field(default_factory=list)
+    # (position, per-layer checkpoints) at the end of the last prompt, for rotating caches
+    checkpoint: tuple[int, list[Checkpoint]] | None = None
+
+    def usage(self) -> dict[str, Any]:
+        u = measure(self.caches)
+        c = self.config
+        bits = c.k_bits if c.k_bits == c.v_bits else [c.k_bits, c.v_bits]
+        return {
+            "kind": c.kind,
+            "bits": bits,
+            "group_size": c.group_size if c.quantized else None,
+            "window": c.window if c.kind == "rotating" else None,
+            "sinks": c.sinks if c.kind == "rotating" else None,
+            "rotated": c.rotate,
+            "tokens": u.tokens,
+            "bytes_used": u.bytes_used,
+            "bytes_allocated": u.bytes_allocated,
+        }
+
+
+class Engine:
+    """Runs chat turns for one loaded model.
+
+    Args:
+        loaded: the model, tokenizer and facts from :func:`models.load.load_model`.
+        kv_budget: bytes the KV cache may use (None: unlimited).
+        on_budget: "rotate" switches a chat that would exceed the budget to a
+            rotating window that fits; "refuse" raises :class:`BudgetExceeded`.
+    """
+
+    def __init__(self, loaded: Any, kv_budget: int | None = None, on_budget: str = "rotate") -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.kv_budget = kv_budget
+        self.on_budget = on_budget
+        self._lock = threading.Lock()  # one turn at a time per model
+
+    # -- state ------------------------------------------------------------------
+    def new_state(self, config: CacheConfig | None = None) -> ChatState:
+        config = config or CacheConfig()
+        config.check_head_dim(self.loaded.kv_shape.head_dim)
+        return ChatState(config=config, caches=make_caches(self.model, config))
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    # -- one turn -----------------------------------------------------------------
+    def generate(
+        self,
+        state: ChatState,
+        messages: Sequence[Message],
+        sampling: SamplingConfig | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Event]:
+        """Answer the last message of `messages`, yielding TextDelta events then Finished."""
+        sampling = sampling or SamplingConfig()
+        with self._lock:
+            yield from self._generate(state, messages, sampling, cancel)
+
+    def _generate(
+        self,
+        state: ChatState,
+        messages: Sequence[Message],
+        sampling: SamplingConfig,
+        cancel: threading.Event | None,
+    ) -> Iterator[Event]:
+        t0 = time.perf_counter()
+        if not messages or not any(m["content"].strip() for m in messages if m["role"] == "user"):
+            raise EngineError("The prompt is empty: type a message first.")
+        target = self.encode(messages)
+        self._check_context(state, len(target))
+        switched = self._fit_budget(state, len(target) + sampling.max_tokens)
+
+        reused, restored = self._reuse(state, target)
+        t_prefill = time.perf_counter()
+        self._prefill(state, target[reused:-1])
+        prefilled = len(target) - reused
+        if any(hasattr(c, "window") for c in state.caches):
+            state.checkpoint = (len(state.tokens), [c.checkpoint() for c in state.caches])
+
+        sampler = Sampler(sampling)
+        yield from self._decode(
+            state, target[-1], sampler, sampling, cancel, t0, t_prefill,
+            Stats(len(target), reused, prefilled, 0, 0.0, 0.0, 0.0, restored, switched),
+        )
+
+    def _check_context(self, state: ChatState, n: int) -> None:
+        limit = self.loaded.max_context
+        if state.config.kind == "full" and limit and n > limit:
+            raise EngineError(
+                f"The conversation is {n} tokens but the model's context is {limit}: "
+                "start a new chat, shorten the prompt, or use a rotating cache (--cache rotating)."
+            )
+
+    def _fit_budget(self, state: ChatState, tokens_needed: int) -> bool:
+        """Keep the cache within the KV budget; returns True if it switched to a window."""
+        if self.kv_budget is None or state.config.kind == "rotating":
+            return False
+        shape = self.loaded.kv_shape
+        used, allocated = predict(shape, state.config, tokens_needed)
+        if allocated <= self.kv_budget:
+            return False
+        if self.on_budget == "refuse":
+            raise BudgetExceeded(
+                f"This turn needs about {allocated / 2**20:.0f} MiB of KV cache but the budget is "
+                f"{self.kv_budget / 2**20:.0f} MiB: raise --kv-budget, quantize the cache (--kv-bits 4) "
+                "or use a rotating window (--cache rotating)."
+            )
+        sinks = 4
+        fit = fit_tokens(shape, state.config, self.kv_budget) or 0
+        window = max(64, fit - sinks - 256)
+        new_config = CacheConfig(
+            kind="rotating", window=window, sinks=sinks, k_bits=state.config.k_bits,
+            v_bits=state.config.v_bits, group_size=state.config.group_size,
+            keep_fp=min(state.config.keep_fp, sinks), rotate=state.config.rotate,
+        )
+        caches = make_caches(self.model, new_config)
+        for old, new in zip(state.caches, caches):
+            planes = old.temporal_planes() if hasattr(old, "temporal_planes") else None
+            if planes is None or not hasattr(new, "load_planes"):
+                continue
+            k, v = planes
+            held = k[0].shape[2]
+            if held > new.capacity:
+                k = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in k)
+                v = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in v)
+            new.load_planes(k, v, old.offset, old.dtype)
+        state.config, state.caches, state.checkpoint = new_config, caches, None
+        return True
+
+    def _reuse(self, state: ChatState, target: list[int]) -> tuple[int, bool]:
+        """Make the cache hold a prefix of `target` (never all of it); returns (length, restored)."""
+        keep = min(common_prefix(state.tokens, target), len(target) - 1)
+        if keep == len(state.tokens):
+            return keep, False
+        if all(getattr(c, "can_trim_to", lambda p: False)(keep) for c in state.caches):
+            for c in state.caches:
+                c.trim_to(keep)
+            del state.tokens[keep:]
+            return keep, False
+        cp = state.checkpoint
+        if cp is not None and cp[0] <= keep:
+            pos, layers = cp
+            for c, lc in zip(state.caches, layers):
+                c.restore(lc)
+            del state.tokens[pos:]
+            return pos, True
+        # Nothing to go back to: start over (the window had evicted the divergence point).
+        state.caches = make_caches(self.model, state.config)
+        state.tokens.clear()
+        state.checkpoint = None
+        return 0, False
+
+    def _prefill(self, state: ChatState, tokens: list[int]) -> None:
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[i : i + PREFILL_CHUNK]
+            self.model(mx.array(chunk)[None], cache=state.caches)
+            mx.eval([c.keys for c in state.caches if getattr(c, "keys", None) is not None])
+            state.tokens.extend(chunk)
+
+    def _step(self, state: ChatState, token: mx.array, sampler: Sampler, history: mx.array | None) -> mx.array:
+        logits = self.model(token.reshape(1, 1), cache=state.caches)[0, -1]
+        return sampler(logits, history)
+
+    def _decode(
+        self,
+        state: ChatState,
+        first: int,
+        sampler: Sampler,
+        sampling: SamplingConfig,
+        cancel: threading.Event | None,
+        t0: float,
+        t_prefill: float,
+        stats: Stats,
+    ) -> Iterator[Event]:
+        eos = self.loaded.eos_token_ids
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        stops = sampling.stop
+        hold = max((len(s) for s in stops), default=1) - 1
+        text, emitted = "", 0
+        generated: list[int] = []
+        penalize = sampling.repetition_penalty != 1.0
+        recent = mx.array((list(state.tokens) + [first])[-sampling.repetition_context :])
+
+        def step(token: mx.array) -> mx.array:
+            nonlocal recent
+            if penalize:
+                recent = mx.concatenate([recent, token.reshape(1)])[-sampling.repetition_context :]
+            return self._step(state, token, sampler, recent if penalize else None)
+
+        # Process the prompt's last token; this yields the first answer token.
+        y = self._step(state, mx.array(first), sampler, recent if penalize else None)
+        state.tokens.append(first)
+        mx.async_eval(y)
+        ttft = decode_start = 0.0
+        reason: FinishReason = "length"
+        while True:
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            last = len(generated) + 1 >= sampling.max_tokens
+            if not last:
+                # Queue the step that consumes y before reading y back, so building
+                # the next graph overlaps with computing this one.
+                next_y = step(y)
+                mx.async_eval(next_y)
+            tok = int(y.item())
+            if not last:
+                state.tokens.append(tok)  # queued above: the cache now holds it
+            if not generated:
+                ttft = time.perf_counter() - t0
+                decode_start = time.perf_counter()
+            generated.append(tok)
+            if tok in eos:
+                reason = "stop"
+                break
+            detok.add_token(tok)
+            text += detok.last_segment
+            if stops:
+                hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                    reason = "stop_string"
+                    break
+            if last:
+                break
+            y = next_y
+            safe = len(text) - hold if stops else len(text)
+            if safe > emitted:
+                yield TextDelta(text[emitted:safe])
+                emitted = safe
+        if reason != "stop":
+            detok.finalize()
+            if reason != "stop_string":
+                text += detok.last_segment
+        if len(text) > emitted:
+            yield TextDelta(text[emitted:])
+        t_end = time.perf_counter()
+        prefill_time = max(1e-9, (t0 + ttft) - t_prefill)
+        n = len(generated)
+        decode_time = t_end - decode_start
+        yield Finished(
+            reason,
+            text,
+            Stats(
+                prompt_tokens=stats.prompt_tokens,
+                reused_tokens=stats.reused_tokens,
+                prefilled_tokens=stats.prefilled_tokens,
+                generated_tokens=n,
+                ttft_s=ttft,
+                prefill_tok_s=stats.prefilled_tokens / prefill_time,
+                decode_tok_s=(n - 1) / decode_time if n > 1 and decode_time > 0 else 0.0,
+                restored_checkpoint=stats.restored_checkpoint,
+                switched_to_rotating=stats.switched_to_rotating,
+            ),
+        )
