@@ -1,0 +1,114 @@
+"""User settings of the chat app, persisted as one small JSON file.
+
+The file lives in ``platformdirs.user_config_dir("kvchat")/settings.json``, or in
+``$KVCHAT_HOME/settings.json`` when ``KVCHAT_HOME`` is set (tests and portable
+installs). A missing file means defaults; a file that cannot be read or parsed
+also means defaults, plus a one-sentence problem the app shows as a
+notification: a broken settings file must never stop the app from starting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mlx_cache.config import CacheConfig, CacheConfigError
+from models.sample import SamplingConfig
+
+FORMAT_VERSION = 1
+DEFAULT_THEME = "textual-dark"
+
+
+def settings_path() -> Path:
+    """Where the settings file lives (honours ``KVCHAT_HOME``)."""
+    home = os.environ.get("KVCHAT_HOME")
+    if home:
+        return Path(home).expanduser() / "settings.json"
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("kvchat")) / "settings.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the app remembers between runs.
+
+    Command-line flags win over these for one run without changing the file.
+    """
+
+    model: str | None = None  # None: the embedded model
+    cache: CacheConfig = field(default_factory=CacheConfig)  # layout for new chats
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    theme: str = DEFAULT_THEME
+
+    def with_(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "model": self.model,
+            "cache": self.cache.to_dict(),
+            "sampling": self.sampling.to_dict(),
+            "theme": self.theme,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Settings":
+        """Build from parsed JSON; raises ValueError (with a reason) on bad values."""
+        if not isinstance(data, dict):
+            raise ValueError("the file does not hold a JSON object")
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ValueError("'model' must be a string")
+        theme = data.get("theme", DEFAULT_THEME)
+        if not isinstance(theme, str):
+            raise ValueError("'theme' must be a string")
+        try:
+            cache = CacheConfig.from_dict(data.get("cache") or {})
+            sampling = SamplingConfig.from_dict(data.get("sampling") or {})
+        except (CacheConfigError, TypeError, ValueError) as e:
+            raise ValueError(str(e).rstrip(".")) from None
+        return cls(model=model or None, cache=cache, sampling=sampling, theme=theme)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> tuple["Settings", str | None]:
+        """Read the settings file.
+
+        Returns:
+            (settings, problem): defaults and a one-sentence problem when the file
+            exists but cannot be used; ``problem`` is None otherwise.
+        """
+        path = path or settings_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(), None
+        except OSError as e:
+            return cls(), f"Could not read {path} ({e.strerror or e}): using default settings."
+        try:
+            return cls.from_dict(json.loads(text)), None
+        except (json.JSONDecodeError, ValueError) as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            return cls(), f"Ignored {path} ({reason}): using default settings; saving settings rewrites it."
+
+    def save(self, path: Path | None = None) -> Path:
+        """Write the settings atomically (a crash never leaves half a file)."""
+        path = path or settings_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path

@@ -1,0 +1,86 @@
+"""The kvchat command line, run as a user would (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def kvchat(*args: str, home=None, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if home is not None:
+        env["KVCHAT_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_version_and_help():
+    r = kvchat("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kvchat ")
+    r = kvchat("--help")
+    assert r.returncode == 0 and "ask" in r.stdout and "sessions" in r.stdout
+
+
+def test_ask_json_on_tiny_model(tiny_model_dirs, tmp_path):
+    r = kvchat("ask", "hello", "-m", str(tiny_model_dirs["llama"]), "--max-tokens", "5", "--temp", "0",
+               "--kv-bits", "4", "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] in ("length", "stop")
+    for key in ("prompt_tokens", "reused_tokens", "prefilled_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s", "generated_tokens"):
+        assert key in out["stats"]
+    cache = out["stats"]["cache"]
+    assert cache["kind"] == "full" and cache["bits"] == 4 and cache["tokens"] > 0
+    assert 0 < cache["bytes_used"] <= cache["bytes_allocated"]
+    assert "Traceback" not in r.stderr
+
+
+def test_ask_session_resumes_without_reprefill(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    a = kvchat("ask", "first question", "-m", model, "--max-tokens", "4", "--temp", "0", "--session", "s1", "--json", home=tmp_path)
+    assert a.returncode == 0, a.stderr
+    b = kvchat("ask", "second", "-m", model, "--max-tokens", "4", "--temp", "0", "--session", "s1", "--json", home=tmp_path)
+    assert b.returncode == 0, b.stderr
+    first, second = json.loads(a.stdout)["stats"], json.loads(b.stdout)["stats"]
+    assert second["reused_tokens"] >= first["prompt_tokens"]
+    assert second["prefilled_tokens"] == second["prompt_tokens"] - second["reused_tokens"]
+    listing = json.loads(kvchat("sessions", "list", "--json", home=tmp_path).stdout)
+    assert [s["name"] for s in listing] == ["s1"] and listing[0]["tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("ask", "hi", "-m", "/no/such/model"), "No model at"),
+        (("ask", "  ", "-m", "/no/such/model"), "empty"),
+        (("ask", "hi", "--frobnicate"), "nrecognized"),
+        (("ask", "hi", "--kv-bits", "5"), "not supported"),
+        (("ask", "hi", "--kv-budget", "lots"), "not a size"),
+        (("ask", "hi", "-m", "nope.gguf"), "No GGUF file"),
+        (("sessions", "show", "../etc"), ""),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(args, needle, tmp_path):
+    r = kvchat(*args, home=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_context(tiny_model_dirs, tmp_path):
+    r = kvchat("ask", "x " * 5000, "-m", str(tiny_model_dirs["llama"]), home=tmp_path)
+    assert r.returncode == 2 and "context" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_json(tiny_model_dirs, tmp_path):
+    r = kvchat("info", "-m", str(tiny_model_dirs["qwen2"]), "--json", "--kv-budget", "1MB", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "qwen2" and info["layers"] == 2 and info["kv_heads"] == 2
+    assert info["head_dim"] == 64 and info["kv_bytes_per_token"] == 2 * 2 * 2 * 64 * 4
+    fits = info["max_context_in_budget"]
+    assert fits["full"] == 512 and fits["q4"] > fits["q8"] > fits["full"]

@@ -1,0 +1,47 @@
+"""Dependencies point one way: app -> models -> mlx_cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def loaded_modules(package: str) -> set[str]:
+    code = (
+        f"import sys, json, pkgutil, importlib, {package}\n"
+        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def top(mods: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in mods}
+
+
+def test_mlx_cache_imports_only_mlx_numpy_and_stdlib():
+    mods = top(loaded_modules("mlx_cache"))
+    assert not mods & {"textual", "models", "app", "mlx_lm", "transformers", "huggingface_hub"}
+
+
+def test_models_does_not_import_textual_or_app():
+    mods = top(loaded_modules("models"))
+    assert "textual" not in mods and "app" not in mods
+
+
+@pytest.mark.parametrize("package", ["mlx_cache", "models"])
+def test_no_upward_imports_in_source(package):
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / package
+    banned = {"mlx_cache": ("from models", "import models", "from app", "import app", "mlx_lm", "textual"),
+              "models": ("from app", "import app", "textual")}[package]
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for word in banned:
+            assert f"\n{word}" not in text and f"    {word}" not in text, f"{path} uses {word}"
