@@ -1,0 +1,89 @@
+"""Typed messages that workers post to the chat screen.
+
+Workers never touch widgets: they post one of these and the screen's handlers
+change the UI on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from textual.message import Message
+
+if TYPE_CHECKING:
+    from models.chat import Chat
+    from models.engine import Finished
+    from models.load import LoadedModel
+
+
+class ModelLoadProgress(Message):
+    """A line of progress from loading (or downloading, converting) a model."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class ModelLoaded(Message):
+    def __init__(self, loaded: "LoadedModel", spec: str | None) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.spec = spec
+
+
+class ModelLoadFailed(Message):
+    def __init__(self, spec: str | None, error: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.error = error
+
+
+class ChatReady(Message):
+    """A chat was opened (a saved session restored, or a new one started)."""
+
+    def __init__(self, chat: "Chat", restored: bool) -> None:
+        super().__init__()
+        self.chat = chat
+        self.restored = restored
+
+
+class ChatFailed(Message):
+    """Opening a session failed; the current chat stays."""
+
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__()
+        self.name = name
+        self.error = error
+
+
+class AnswerChunk(Message):
+    """Coalesced answer text: everything decoded since the previous chunk."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class AnswerDone(Message):
+    """The answer finished (stop, length, stop string or cancel); saving follows."""
+
+    def __init__(self, finished: "Finished", usage: dict[str, Any]) -> None:
+        super().__init__()
+        self.finished = finished
+        self.usage = usage
+
+
+class AnswerFailed(Message):
+    """The turn raised before finishing (one sentence for the user)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error
+
+
+class TurnSaved(Message):
+    """The turn reached disk (or failed to: `error` says why)."""
+
+    def __init__(self, error: str | None = None) -> None:
+        super().__init__()
+        self.error = error

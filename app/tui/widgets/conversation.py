@@ -1,0 +1,174 @@
+"""The conversation: user, assistant and system messages in a scrolling column."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Label, Markdown, Static
+from textual.widgets._markdown import MarkdownStream
+
+from models.engine import Finished, Stats
+
+
+def format_stats(stats: Stats, reason: str) -> str:
+    """The line under an answer: speed and where the prompt's tokens came from."""
+    parts = [
+        f"TTFT {stats.ttft_s:.2f} s",
+        f"{stats.decode_tok_s:,.1f} tok/s",
+        f"{stats.generated_tokens:,} tokens",
+        f"prompt {stats.prompt_tokens:,} (reused {stats.reused_tokens:,}, prefilled {stats.prefilled_tokens:,}"
+        + (f" at {stats.prefill_tok_s:,.0f} tok/s)" if stats.prefilled_tokens > 1 else ")"),
+    ]
+    note = {
+        "cancelled": "stopped",
+        "length": "token limit",
+        "stop_string": "stop string",
+    }.get(reason)
+    if note:
+        parts.append(note)
+    if stats.switched_to_rotating:
+        parts.append("switched to a rotating window to fit the KV budget")
+    if stats.restored_checkpoint:
+        parts.append("restored a checkpoint")
+    return " · ".join(parts)
+
+
+class UserMessage(Vertical):
+    """What the user typed, shown verbatim (no Markdown: it is input, not output)."""
+
+    DEFAULT_CSS = """
+    UserMessage { height: auto; }
+    UserMessage > .body { height: auto; }
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(classes="message")
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Label("You", classes="role")
+        yield Static(self.text, markup=False, classes="body")
+
+
+class SystemMessage(Vertical):
+    """The system prompt, shown small at the top of the chat."""
+
+    DEFAULT_CSS = """
+    SystemMessage { height: auto; }
+    SystemMessage > .body { height: auto; }
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(classes="message")
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Label("System", classes="role")
+        yield Static(self.text, markup=False, classes="body")
+
+
+class AssistantMessage(Vertical):
+    """An answer: Markdown that can grow while it streams, and a stats line."""
+
+    DEFAULT_CSS = """
+    AssistantMessage { height: auto; }
+    AssistantMessage > Markdown { height: auto; }
+    AssistantMessage > .stats { height: auto; }
+    """
+
+    def __init__(self, text: str = "", label: str = "Assistant", stats: str = "") -> None:
+        super().__init__(classes="message")
+        self.text = text
+        self._label = label
+        self._stats = stats
+        self._stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Label(self._label, classes="role")
+        yield Markdown(self.text)
+        yield Static(self._stats, markup=False, classes="stats")
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(Markdown)
+
+    def start_streaming(self) -> None:
+        """Show that an answer is on its way."""
+        self.add_class("-streaming")
+        self.query_one(".stats", Static).update("thinking…")
+
+    async def write(self, fragment: str) -> None:
+        """Append streamed text; MarkdownStream batches fragments when rendering lags."""
+        if not fragment:
+            return
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.markdown)
+            self.query_one(".stats", Static).update("")
+        self.text += fragment
+        await self._stream.write(fragment)
+
+    async def finish(self, finished: Finished | None, stats_line: str) -> None:
+        """End the stream and show the final text (the engine's, which trims stop strings)."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.remove_class("-streaming")
+        if finished is not None and finished.text != self.text:
+            self.text = finished.text
+            await self.markdown.update(finished.text)
+        if finished is not None and not finished.text:
+            self.query_one(".stats", Static).update("(no text)  " + stats_line)
+        else:
+            self.query_one(".stats", Static).update(stats_line)
+
+    async def fail(self, error: str) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.remove_class("-streaming")
+        self.add_class("-error")
+        self.query_one(".stats", Static).update(error)
+
+
+class Conversation(VerticalScroll):
+    """The message column; stays scrolled to the bottom while an answer streams."""
+
+    DEFAULT_CSS = """
+    Conversation { height: 1fr; }
+    """
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    async def show_history(self, messages: Iterable[dict[str, str]], label: str) -> None:
+        """Replace the column with a saved conversation."""
+        await self.remove_children()
+        widgets = []
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role == "system":
+                widgets.append(SystemMessage(content))
+            elif role == "user":
+                widgets.append(UserMessage(content))
+            else:
+                widgets.append(AssistantMessage(content, label=label))
+        if widgets:
+            await self.mount_all(widgets)
+        self.anchor()
+
+    async def add(self, *widgets: UserMessage | AssistantMessage | SystemMessage) -> None:
+        await self.mount_all(widgets)
+        self.anchor()
+
+    def last_of(self, kind: type) -> Vertical | None:
+        found = [w for w in self.children if isinstance(w, kind)]
+        return found[-1] if found else None
+
+    async def set_system(self, text: str) -> None:
+        """Show (or remove) the system prompt at the top."""
+        for w in self.query(SystemMessage):
+            await w.remove()
+        if text.strip():
+            await self.mount(SystemMessage(text), before=0 if self.children else None)
