@@ -196,6 +196,10 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
+    params = _count_parameters(model)
+    from .cpu import expand_for_cpu
+
+    expand_for_cpu(model, params)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
         name=name,
@@ -208,7 +212,7 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
         max_context=max_ctx,
         fingerprint=fingerprint(path),
         weights_bytes=int(weights),
-        parameters=_count_parameters(model),
+        parameters=params,
     )
     loaded.load_seconds = time.perf_counter() - t0
     return loaded

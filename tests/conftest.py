@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import mlx_cache  # noqa: F401  (loads OpenBLAS before MLX, as the app does)
 import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

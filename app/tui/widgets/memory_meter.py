@@ -1,0 +1,138 @@
+"""The live memory meter: where the bytes go, refreshed several times a second.
+
+The meter pulls its numbers on a timer instead of having the decoder push them,
+so decoding pays nothing for it: each tick reads allocator counters, two small
+/proc files and the KV caches' metadata (no MLX evaluation, no engine lock).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Label, Sparkline, Static
+
+from mlx_cache.memory import format_bytes
+
+from ..probe import MemoryProbe
+
+TICK_S = 0.25  # while answering: four refreshes a second
+IDLE_TICKS = 4  # when idle, redraw once a second: nothing moves fast then
+HISTORY_S = 60  # the sparkline's window, one sample a second
+
+
+@dataclass(frozen=True)
+class MeterState:
+    """What the app knows that the probe does not."""
+
+    weights: int | None  # bytes of the loaded model's weights, None before loading
+    kv: dict[str, Any] | None  # Chat.usage() of the open chat
+    budget: int | None  # the engine's KV budget (None: unlimited)
+    busy: bool  # an answer is streaming: refresh at full rate
+
+
+def kv_label(kv: dict[str, Any]) -> str:
+    """'full · fp16', 'rotating 4096+4 · q4 g64', ..."""
+    kind = kv.get("kind", "full")
+    if kind == "rotating":
+        kind = f"rotating {kv.get('window')}+{kv.get('sinks')}"
+    bits = kv.get("bits")
+    if bits is None:
+        q = "fp16"
+    elif isinstance(bits, list):
+        q = "/".join(f"q{b}" if b else "fp" for b in bits) + f" g{kv.get('group_size')}"
+    else:
+        q = f"q{bits} g{kv.get('group_size')}"
+    if kv.get("rotated"):
+        q += " rot"
+    return f"{kind} · {q}"
+
+
+def _bar(fraction: float, width: int) -> Text:
+    fraction = min(1.0, max(0.0, fraction))
+    full = round(fraction * width)
+    style = "green" if fraction < 0.6 else "yellow" if fraction < 0.85 else "red"
+    return Text.assemble(("━" * full, style), ("━" * (width - full), "grey37"))
+
+
+class MemoryMeter(Vertical):
+    """Weights, KV cache, MLX allocator, process and system memory, and a sparkline."""
+
+    DEFAULT_CSS = """
+    MemoryMeter { height: auto; }
+    MemoryMeter > #meter-table { height: auto; }
+    MemoryMeter > Sparkline { height: 3; margin-top: 1; }
+    MemoryMeter > #meter-caption { height: 1; color: $text-muted; }
+    """
+
+    def __init__(self, probe: MemoryProbe, state: Callable[[], MeterState], *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.probe = probe
+        self._state = state
+        self._history: deque[float] = deque(maxlen=HISTORY_S)
+        self._tick = 0
+        self._last_sample_t = 0.0
+
+    def compose(self) -> ComposeResult:
+        yield Label("Memory", classes="panel-title")
+        yield Static(id="meter-table")
+        yield Sparkline([0.0], summary_function=max)
+        yield Label("", id="meter-caption")
+
+    def on_mount(self) -> None:
+        self.refresh_now()
+        self.set_interval(TICK_S, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick += 1
+        if self._state().busy or self._tick % IDLE_TICKS == 0:
+            self.refresh_now()
+
+    def refresh_now(self) -> None:
+        """Take a reading and redraw."""
+        sample = self.probe.sample()
+        state = self._state()
+        now = time.monotonic()
+        if now - self._last_sample_t >= 1.0 or not self._history:
+            self._history.append(float(sample.total))
+            self._last_sample_t = now
+        elif self._history:
+            # within the same second keep the highest reading, so short peaks show
+            self._history[-1] = max(self._history[-1], float(sample.total))
+
+        grid = Table.grid(expand=True, padding=(0, 1))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(justify="right", no_wrap=True)
+
+        grid.add_row("Weights", format_bytes(state.weights) if state.weights is not None else "—")
+        kv = state.kv
+        if kv is not None:
+            grid.add_row("KV used", format_bytes(kv["bytes_used"]))
+            grid.add_row("KV allocated", format_bytes(kv["bytes_allocated"]))
+            grid.add_row(Text(kv_label(kv), style="dim"), Text(f"{kv['tokens']:,} tok", style="dim"))
+        else:
+            grid.add_row("KV cache", "—")
+        if state.budget is not None:
+            grid.add_row("KV budget", format_bytes(state.budget))
+            used = kv["bytes_allocated"] if kv else 0
+            pct = used / state.budget if state.budget else 0.0
+            grid.add_row(_bar(pct, 16), Text(f"{pct:.1%}", style="dim"))
+        grid.add_row("", "")
+        grid.add_row("MLX active", format_bytes(sample.mlx_active))
+        grid.add_row("MLX cache", format_bytes(sample.mlx_cache))
+        grid.add_row("MLX peak", format_bytes(sample.mlx_peak))
+        grid.add_row("Process RSS", format_bytes(sample.rss))
+        grid.add_row("System free", format_bytes(sample.available))
+        if sample.working_set is not None:
+            grid.add_row("Working set", format_bytes(sample.working_set))
+        self.query_one("#meter-table", Static).update(grid)
+        self.query_one(Sparkline).data = list(self._history)
+        self.query_one("#meter-caption", Label).update(
+            f"total {format_bytes(sample.total)} · last minute"
+        )
