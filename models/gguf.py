@@ -103,12 +103,13 @@ class GGUFError(ModelError, ValueError):
 def default_dtype() -> mx.Dtype:
     """The float type for scales, biases and norms: it sets the activation dtype.
 
-    On a GPU (Metal, CUDA) half precision is the fast path. On the CPU backend fp16
-    quantized matmuls are very slow: SmolLM2-135M Q4_1 decoded 7.3 tok/s with
-    float16 scales and 36.5 tok/s with float32 scales on a 2-core x86 CPU
-    (mlx 0.32.4, greedy, 64 tokens), so the CPU gets float32.
+    On a GPU (Metal, CUDA) half precision is the fast path. On the CPU backend
+    half-precision quantized matmuls are dramatically slower: SmolLM2-135M Q4_1
+    (mlx 0.32.4, 2-core x86, 38-token prompt) prefilled 0.3 tok/s and decoded
+    0.2 tok/s with float16 scales, against 10 and 7 tok/s with float32 scales,
+    so the CPU gets float32 (the weights file grows 98 -> 115 MB).
     """
-    return mx.float16 if mx.default_device() == mx.gpu else mx.float32
+    return mx.float16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
 
 
 def convert_gguf(
@@ -152,15 +153,17 @@ def convert_gguf(
     except (RuntimeError, ValueError) as e:
         raise GGUFError(f"MLX cannot read {gguf_path.name} as GGUF ({e}).") from None
 
+    _check_tokenizer(metadata)
     config = _build_config(metadata, tensors)
     weights = _convert_weights(tensors, config, dtype)
-    config["quantization"] = _quantization_map(weights)
-    if config["quantization"] is None:
-        del config["quantization"]
+    quantization = _quantization_map(weights)
+    if quantization is not None:
+        config["quantization"] = quantization
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the model directory need not be
         say("Writing the MLX weights...")
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         say("Building the tokenizer...")
@@ -299,7 +302,10 @@ def _build_config(metadata: dict[str, Any], tensors: dict[str, mx.array]) -> dic
         return value
 
     if any(".ffn_gate_inp." in name or "_exps." in name for name in tensors):
-        raise GGUFError("This GGUF is a mixture-of-experts llama, which kvchat cannot convert: only dense llama models are supported.")
+        raise GGUFError(
+            "This GGUF is a mixture-of-experts llama, which kvchat cannot convert: "
+            "only dense llama models are supported."
+        )
 
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
@@ -361,13 +367,19 @@ def _rope_scaling(
         expected = np.where(wavelen < high_wl, 1.0,
                             np.where(wavelen > low_wl, factor, 1.0 / ((1 - smooth) / factor + smooth)))
         if expected.shape != stored.shape or not np.allclose(expected, stored, rtol=1e-3):
-            raise GGUFError("The GGUF file's rope_freqs tensor does not match Llama 3 rope scaling, which is the only kind kvchat converts.")
+            raise GGUFError(
+                "The GGUF file's rope_freqs tensor does not match Llama 3 rope scaling, "
+                "the only tensor-encoded kind kvchat converts."
+            )
         return params
     if kind in (None, "none") or factor in (None, 0, 1.0):
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
-    raise GGUFError(f"The GGUF file uses {kind} rope scaling, which kvchat cannot convert: only linear and Llama 3 scaling are supported.")
+    raise GGUFError(
+        f"The GGUF file uses {kind} rope scaling, which kvchat cannot convert: "
+        "only linear and Llama 3 scaling are supported."
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -411,7 +423,10 @@ def _convert_weights(tensors: dict[str, mx.array], config: dict[str, Any], dtype
         if hf is None:
             continue
         if hf == "":
-            raise GGUFError(f"The GGUF file holds a tensor kvchat does not know ({name}): only plain llama models are supported.")
+            raise GGUFError(
+                f"The GGUF file holds a tensor kvchat does not know ({name}): "
+                "only plain llama models are supported."
+            )
         if ".self_attn.q_proj." in hf:
             value = unpermute_rows(value, heads)
         elif ".self_attn.k_proj." in hf:
@@ -479,22 +494,27 @@ def _pre_tokenizer(pre: str | None, say: Progress) -> tuple[Any, bool]:
     return byte_level, False
 
 
-def _write_tokenizer(out: Path, metadata: dict[str, Any], config: dict[str, Any], say: Progress) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
+def _check_tokenizer(metadata: dict[str, Any]) -> None:
     kind = _meta(metadata, "tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind != "gpt2" or "tokenizer.ggml.tokens" not in metadata:
         raise GGUFError(
             f"The GGUF file has a {kind or 'missing'} tokenizer, which kvchat cannot rebuild: "
             "only byte-level BPE ('gpt2') tokenizers are supported."
         )
+
+
+def _write_tokenizer(out: Path, metadata: dict[str, Any], config: dict[str, Any], say: Progress) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     types = _meta(metadata, "tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
 
     pre, ignore_merges = _pre_tokenizer(_meta(metadata, "tokenizer.ggml.pre"), say)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False, byte_fallback=False)
+    )
     tok.pre_tokenizer = pre
     tok.decoder = decoders.ByteLevel()
 

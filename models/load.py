@@ -75,11 +75,11 @@ def resolve_model_dir(spec: str | None, progress: Progress | None = None) -> tup
 
 def _converted_gguf(path: Path, say: Progress) -> Path:
     from .embedded import cache_root
-    from .gguf import convert_gguf
+    from .gguf import convert_gguf, is_converted
 
     digest = _sha256_file(path)
     out = cache_root() / "models" / f"{path.stem.lower()}-{digest[:16]}"
-    if (out / "config.json").is_file():
+    if is_converted(out):
         return out
     say(f"Converting {path.name} to MLX (once)...")
     return convert_gguf(path, out, progress=say)

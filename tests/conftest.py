@@ -26,3 +26,11 @@ def tiny_models(tiny_model_dirs):
     from models.load import load_model
 
     return {arch: load_model(str(path)) for arch, path in tiny_model_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> Path:
+    """The converted embedded SmolLM2 model (fetched and converted once, then cached)."""
+    from models.embedded import ensure_embedded_model
+
+    return ensure_embedded_model()
