@@ -89,6 +89,7 @@ class Chat:
                 )
                 chat.messages = list(data.messages)  # type: ignore[arg-type]
                 chat.state.tokens = list(data.tokens)
+                chat.state.checkpoint = data.checkpoint
                 chat.title = data.meta.title
                 chat.created = data.meta.created
             elif create:
@@ -127,6 +128,7 @@ class Chat:
             sampling=self.sampling.to_dict(),
             title=self.title,
             created=self.created,
+            checkpoint=self.state.checkpoint,
         )
 
     # -- turns ----------------------------------------------------------------
