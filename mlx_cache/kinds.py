@@ -187,6 +187,11 @@ class _BaseKV:
         return total
 
     @property
+    def state(self) -> tuple[mx.array, ...]:
+        """The stored arrays, so mlx-lm helpers that evaluate `cache.state` work with us."""
+        return tuple(self.keys or ()) + tuple(self.values or ())
+
+    @property
     def nbytes(self) -> int:  # mlx-lm's name for allocated bytes
         return self.bytes_allocated
 
