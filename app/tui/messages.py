@@ -16,7 +16,15 @@ if TYPE_CHECKING:
     from models.load import LoadedModel
 
 
-class ModelLoadProgress(Message):
+class WorkerReport(Message, bubble=False):
+    """A worker's report to the chat screen, which alone handles it (no bubbling to the app).
+
+    Each subclass repeats ``bubble=False``: Textual's ``Message.__init_subclass__``
+    sets ``bubble=True`` again unless a subclass says otherwise.
+    """
+
+
+class ModelLoadProgress(WorkerReport, bubble=False):
     """A line of progress from loading (or downloading, converting) a model."""
 
     def __init__(self, text: str) -> None:
@@ -24,21 +32,21 @@ class ModelLoadProgress(Message):
         self.text = text
 
 
-class ModelLoaded(Message):
+class ModelLoaded(WorkerReport, bubble=False):
     def __init__(self, loaded: "LoadedModel", spec: str | None) -> None:
         super().__init__()
         self.loaded = loaded
         self.spec = spec
 
 
-class ModelLoadFailed(Message):
+class ModelLoadFailed(WorkerReport, bubble=False):
     def __init__(self, spec: str | None, error: str) -> None:
         super().__init__()
         self.spec = spec
         self.error = error
 
 
-class ChatReady(Message):
+class ChatReady(WorkerReport, bubble=False):
     """A chat was opened (a saved session restored, or a new one started)."""
 
     def __init__(self, chat: "Chat", restored: bool) -> None:
@@ -47,7 +55,7 @@ class ChatReady(Message):
         self.restored = restored
 
 
-class ChatFailed(Message):
+class ChatFailed(WorkerReport, bubble=False):
     """Opening a session failed; the current chat stays."""
 
     def __init__(self, name: str, error: str) -> None:
@@ -56,7 +64,7 @@ class ChatFailed(Message):
         self.error = error
 
 
-class AnswerChunk(Message):
+class AnswerChunk(WorkerReport, bubble=False):
     """Coalesced answer text: everything decoded since the previous chunk."""
 
     def __init__(self, text: str) -> None:
@@ -64,7 +72,7 @@ class AnswerChunk(Message):
         self.text = text
 
 
-class AnswerDone(Message):
+class AnswerDone(WorkerReport, bubble=False):
     """The answer finished (stop, length, stop string or cancel); saving follows."""
 
     def __init__(self, finished: "Finished", usage: dict[str, Any]) -> None:
@@ -73,7 +81,7 @@ class AnswerDone(Message):
         self.usage = usage
 
 
-class AnswerFailed(Message):
+class AnswerFailed(WorkerReport, bubble=False):
     """The turn raised before finishing (one sentence for the user)."""
 
     def __init__(self, error: str) -> None:
@@ -81,7 +89,7 @@ class AnswerFailed(Message):
         self.error = error
 
 
-class TurnSaved(Message):
+class TurnSaved(WorkerReport, bubble=False):
     """The turn reached disk (or failed to: `error` says why)."""
 
     def __init__(self, error: str | None = None) -> None:

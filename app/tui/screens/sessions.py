@@ -52,14 +52,12 @@ def relative_time(ts: float, now: float | None = None) -> str:
 
 def check_session_name(name: str) -> str | None:
     """An error sentence for a name the store would not accept, else None."""
-    if not name.strip():
-        return "A session needs a name."
-    if name != name.strip():
-        return "Names cannot start or end with spaces."
-    if any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-        return "Use letters, digits, '-', '_' or '.', and don't start with a dot."
-    if len(name) > 100:
-        return "Keep names under 100 characters."
+    from mlx_cache.store import StoreError, check_name
+
+    try:
+        check_name(name)
+    except StoreError as e:
+        return str(e)
     return None
 
 

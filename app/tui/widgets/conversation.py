@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
-from textual.widgets._markdown import MarkdownStream
+from textual.widgets.markdown import MarkdownStream
 
 from models.engine import Finished, Stats
 
@@ -118,8 +119,8 @@ class AssistantMessage(Vertical):
         if finished is not None and finished.text != self.text:
             self.text = finished.text
             await self.markdown.update(finished.text)
-        if finished is not None and not finished.text:
-            self.query_one(".stats", Static).update("(no text)  " + stats_line)
+        if finished is not None and not finished.text.strip():
+            self.query_one(".stats", Static).update("(no visible text) · " + stats_line)
         else:
             self.query_one(".stats", Static).update(stats_line)
 
@@ -139,8 +140,15 @@ class Conversation(VerticalScroll):
     Conversation { height: 1fr; }
     """
 
-    def on_mount(self) -> None:
-        self.anchor()
+    def on_resize(self, event: events.Resize) -> None:
+        # Textual's anchor also bottom-aligns content shorter than the view; a
+        # short chat reads better from the top, so anchor only once it overflows
+        # (after which scrolling up releases the anchor as usual).
+        overflows = event.virtual_size.height > event.container_size.height
+        if overflows and not self.is_anchored:
+            self.anchor()
+        elif not overflows and self.is_anchored:
+            self.anchor(False)
 
     async def show_history(self, messages: Iterable[dict[str, str]], label: str) -> None:
         """Replace the column with a saved conversation."""
@@ -156,11 +164,11 @@ class Conversation(VerticalScroll):
                 widgets.append(AssistantMessage(content, label=label))
         if widgets:
             await self.mount_all(widgets)
-        self.anchor()
+        self.scroll_end(animate=False)
 
     async def add(self, *widgets: UserMessage | AssistantMessage | SystemMessage) -> None:
         await self.mount_all(widgets)
-        self.anchor()
+        self.scroll_end(animate=False)
 
     def last_of(self, kind: type) -> Vertical | None:
         found = [w for w in self.children if isinstance(w, kind)]

@@ -20,7 +20,7 @@ from textual.widgets import Label, Sparkline, Static
 
 from mlx_cache.memory import format_bytes
 
-from ..probe import MemoryProbe
+from ..probe import MemoryProbe, MemorySample
 
 TICK_S = 0.25  # while answering: four refreshes a second
 IDLE_TICKS = 4  # when idle, redraw once a second: nothing moves fast then
@@ -61,6 +61,34 @@ def _bar(fraction: float, width: int) -> Text:
     return Text.assemble(("━" * full, style), ("━" * (width - full), "grey37"))
 
 
+def meter_rows(sample: MemorySample, state: MeterState) -> list[tuple[str | Text, str | Text]]:
+    """The meter's (label, value) rows; plain data so tests can read what is shown."""
+    rows: list[tuple[str | Text, str | Text]] = [
+        ("Weights", format_bytes(state.weights) if state.weights is not None else "—")
+    ]
+    kv = state.kv
+    if kv is not None:
+        rows.append(("KV used", format_bytes(kv["bytes_used"])))
+        rows.append(("KV allocated", format_bytes(kv["bytes_allocated"])))
+        rows.append((Text(kv_label(kv), style="dim"), Text(f"{kv['tokens']:,} tok", style="dim")))
+    else:
+        rows.append(("KV cache", "—"))
+    if state.budget is not None:
+        rows.append(("KV budget", format_bytes(state.budget)))
+        used = kv["bytes_allocated"] if kv else 0
+        pct = used / state.budget if state.budget else 0.0
+        rows.append((_bar(pct, 16), Text(f"{pct:.1%}", style="dim")))
+    rows.append(("", ""))
+    rows.append(("MLX active", format_bytes(sample.mlx_active)))
+    rows.append(("MLX cache", format_bytes(sample.mlx_cache)))
+    rows.append(("MLX peak", format_bytes(sample.mlx_peak)))
+    rows.append(("Process RSS", format_bytes(sample.rss)))
+    rows.append(("System free", format_bytes(sample.available)))
+    if sample.working_set is not None:
+        rows.append(("Working set", format_bytes(sample.working_set)))
+    return rows
+
+
 class MemoryMeter(Vertical):
     """Weights, KV cache, MLX allocator, process and system memory, and a sparkline."""
 
@@ -68,15 +96,19 @@ class MemoryMeter(Vertical):
     MemoryMeter { height: auto; }
     MemoryMeter > #meter-table { height: auto; }
     MemoryMeter > Sparkline { height: 3; margin-top: 1; }
-    MemoryMeter > #meter-caption { height: 1; color: $text-muted; }
+    MemoryMeter > #meter-caption { height: 1; width: 1fr; color: $text-muted; }
     """
 
-    def __init__(self, probe: MemoryProbe, state: Callable[[], MeterState], *, id: str | None = None) -> None:
+    def __init__(
+        self, probe: MemoryProbe, state: Callable[[], MeterState], *, steady: bool = False, id: str | None = None
+    ) -> None:
         super().__init__(id=id)
+        self._steady = steady  # snapshot tests: a full, flat history that elapsed time cannot change
         self.probe = probe
         self._state = state
         self._history: deque[float] = deque(maxlen=HISTORY_S)
         self._tick = 0
+        self._rows = 0
         self._last_sample_t = 0.0
 
     def compose(self) -> ComposeResult:
@@ -99,6 +131,8 @@ class MemoryMeter(Vertical):
         sample = self.probe.sample()
         state = self._state()
         now = time.monotonic()
+        if self._steady and not self._history:
+            self._history.extend([float(sample.total)] * HISTORY_S)
         if now - self._last_sample_t >= 1.0 or not self._history:
             self._history.append(float(sample.total))
             self._last_sample_t = now
@@ -109,30 +143,14 @@ class MemoryMeter(Vertical):
         grid = Table.grid(expand=True, padding=(0, 1))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(justify="right", no_wrap=True)
-
-        grid.add_row("Weights", format_bytes(state.weights) if state.weights is not None else "—")
-        kv = state.kv
-        if kv is not None:
-            grid.add_row("KV used", format_bytes(kv["bytes_used"]))
-            grid.add_row("KV allocated", format_bytes(kv["bytes_allocated"]))
-            grid.add_row(Text(kv_label(kv), style="dim"), Text(f"{kv['tokens']:,} tok", style="dim"))
-        else:
-            grid.add_row("KV cache", "—")
-        if state.budget is not None:
-            grid.add_row("KV budget", format_bytes(state.budget))
-            used = kv["bytes_allocated"] if kv else 0
-            pct = used / state.budget if state.budget else 0.0
-            grid.add_row(_bar(pct, 16), Text(f"{pct:.1%}", style="dim"))
-        grid.add_row("", "")
-        grid.add_row("MLX active", format_bytes(sample.mlx_active))
-        grid.add_row("MLX cache", format_bytes(sample.mlx_cache))
-        grid.add_row("MLX peak", format_bytes(sample.mlx_peak))
-        grid.add_row("Process RSS", format_bytes(sample.rss))
-        grid.add_row("System free", format_bytes(sample.available))
-        if sample.working_set is not None:
-            grid.add_row("Working set", format_bytes(sample.working_set))
-        self.query_one("#meter-table", Static).update(grid)
+        rows = meter_rows(sample, state)
+        for label, value in rows:
+            grid.add_row(label, value)
+        # A layout pass reflows the whole screen (~15 ms with a long chat); only
+        # pay for it when the number of rows, hence the height, changes.
+        self.query_one("#meter-table", Static).update(grid, layout=len(rows) != self._rows)
+        self._rows = len(rows)
         self.query_one(Sparkline).data = list(self._history)
         self.query_one("#meter-caption", Label).update(
-            f"total {format_bytes(sample.total)} · last minute"
+            f"total {format_bytes(sample.total)} · last minute", layout=False
         )

@@ -1,0 +1,103 @@
+"""The Textual app: shared state (settings, store, MLX thread) and the chat screen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from textual import events, work
+from textual.app import App
+
+from mlx_cache.config import CacheConfig
+from models.sample import SamplingConfig
+
+from ..settings import Settings
+from .commands import ChatCommands
+from .mlx_thread import MLXThread
+from .probe import MemoryProbe
+from .screens.chat import ChatScreen
+
+if TYPE_CHECKING:
+    from mlx_cache.store import SessionStore
+
+
+@dataclass
+class LaunchOptions:
+    """What the command line asked for; each None falls back to the settings."""
+
+    model: str | None = None
+    cache_config: CacheConfig | None = None
+    sampling: SamplingConfig | None = None
+    session: str | None = None
+    kv_budget: int | None = None
+    on_budget: str = "rotate"
+
+
+class KvchatApp(App[int]):
+    """Holds what every screen shares; the chat screen does the rest."""
+
+    CSS_PATH = str(Path(__file__).parent.parent / "kvchat.tcss")
+    TITLE = "kvchat"
+    COMMANDS = App.COMMANDS | {ChatCommands}
+    ENABLE_COMMAND_PALETTE = True
+
+    def __init__(
+        self,
+        launch: LaunchOptions,
+        settings: Settings,
+        store: "SessionStore | None",
+        probe: MemoryProbe,
+        *,
+        settings_problem: str | None = None,
+        store_problem: str | None = None,
+        snapshot: bool = False,
+    ) -> None:
+        super().__init__()
+        self.launch = launch
+        self.settings = settings
+        self.store = store
+        self.probe = probe
+        self.snapshot = snapshot  # fixed clock, numbers and spinner for snapshot tests
+        self.mlx = MLXThread()
+        self._settings_problem = settings_problem
+        self._store_problem = store_problem
+        self.chat_screen = ChatScreen()
+
+    def on_mount(self) -> None:
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+        self.push_screen(self.chat_screen)
+        if self._settings_problem:
+            self.notify(self._settings_problem, title="Settings", severity="warning", timeout=12)
+        if self.store is None:
+            reason = f" ({self._store_problem})" if self._store_problem else ""
+            self.notify(f"Sessions are unavailable{reason}: chats are not saved in this run.",
+                        title="Sessions", severity="warning")
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        # A blinking cursor makes two screenshots of the same state differ.
+        if self.snapshot and hasattr(event.widget, "cursor_blink"):
+            event.widget.cursor_blink = False  # type: ignore[attr-defined]
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Use new settings now and write them to disk in the background."""
+        self.settings = settings
+        if settings.theme in self.available_themes:
+            self.theme = settings.theme
+        self._save_settings(settings)
+
+    @work(thread=True, exclusive=True, group="settings")
+    def _save_settings(self, settings: Settings) -> None:
+        try:
+            path = settings.save()
+        except OSError as e:
+            self.call_from_thread(self.notify, f"Could not save settings: {e}", severity="error")
+            return
+        self.log(f"settings saved to {path}")
+
+    def on_unmount(self) -> None:
+        # Stop an answer within one token, let its save finish, then release the
+        # session lock; all of it queues on the MLX thread in that order.
+        self.chat_screen.stop_for_exit()
+        self.mlx.shutdown(wait=True)

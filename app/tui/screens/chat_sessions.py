@@ -1,0 +1,202 @@
+"""Session actions of the chat screen: browse, rename, fork and delete.
+
+A mixin so the chat screen module stays about the conversation. The open
+chat holds its session's lock; every action that touches that session runs
+on the MLX thread, queued behind the chat's last save, and ends by opening
+the resulting chat (ChatReady), so the screen has one way to switch chats.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from textual import work
+
+from ..messages import ChatFailed, ChatReady
+from ..turns import describe_error
+from .dialogs import ConfirmDialog, TextDialog
+from .sessions import SessionAction, SessionBrowser, check_session_name
+
+if TYPE_CHECKING:
+    from models.chat import Chat
+    from models.engine import Engine
+
+    from ..app import KvchatApp
+
+SNAPSHOT_TIME = time.mktime((2026, 1, 1, 12, 0, 0, 0, 0, -1))
+
+
+class SessionActions:
+    """Bindings F2/F3/F8/Ctrl+O of the chat screen (mixed into ChatScreen)."""
+
+    if TYPE_CHECKING:  # provided by ChatScreen
+        chat: Chat | None
+        engine: Engine | None
+        busy: bool
+
+        @property
+        def kv_app(self) -> KvchatApp: ...
+        def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None: ...
+        def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None: ...
+        def post_message(self, message: object) -> bool: ...
+        def notify(self, message: str, **kwargs: object) -> None: ...
+
+    def _new_name(self) -> str:
+        t = SNAPSHOT_TIME if self.kv_app.snapshot else time.time()
+        base = time.strftime("chat-%Y%m%d-%H%M%S", time.localtime(t))
+        store = self.kv_app.store
+        name, n = base, 2
+        while store is not None and store.exists(name):
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def action_sessions(self) -> None:
+        store = self.kv_app.store
+        if store is None or self.busy:
+            return
+
+        def chosen(result: SessionAction | None) -> None:
+            if result is None or self.engine is None:
+                return
+            if result.action == "open":
+                if self.chat is not None and result.name == self.chat.name:
+                    return
+                self.open_chat(result.name, create=False)
+            elif result.action == "rename" and result.new_name:
+                self._rename_current(result.new_name)
+            elif result.action == "delete":
+                self._delete_current()
+
+        self.kv_app.push_screen(
+            SessionBrowser(store, self.chat.name if self.chat else None, snapshot=self.kv_app.snapshot), chosen
+        )
+
+    def _name_problem(self, name: str) -> str | None:
+        problem = check_session_name(name)
+        if problem:
+            return problem
+        store = self.kv_app.store
+        if store is not None and store.exists(name):
+            return f"There is already a session named {name!r}."
+        return None
+
+    def action_rename(self) -> None:
+        chat = self.chat
+        if not self.check_action("rename", ()) or chat is None or not chat.name:
+            return
+
+        def done(new: str | None) -> None:
+            if new and new != chat.name:
+                self._rename_current(new)
+
+        self.kv_app.push_screen(TextDialog("Rename this chat", chat.name, validate=self._name_problem,
+                                        accept="Rename"), done)
+
+    @work(thread=True, exclusive=True, group="chat")
+    def _rename_current(self, new: str) -> None:
+        """Release the lock, rename on disk, and reopen under the new name."""
+        from models.chat import Chat
+
+        chat, store, engine = self.chat, self.kv_app.store, self.engine
+        assert chat is not None and store is not None and engine is not None and chat.name
+        old = chat.name
+        system = next((m["content"] for m in chat.messages if m["role"] == "system"), None)
+
+        def job() -> "Chat":
+            saved = store.exists(old)
+            # The lock is per name and a Chat cannot move its lock: release it
+            # and reopen under the new name (the KV comes back from disk).
+            chat.close()
+            if saved:
+                store.rename(old, new)
+                return Chat.open(engine, store, new, create=False)
+            # nothing on disk yet: the same empty chat under the new name
+            fresh = Chat.open(engine, store, new, cache_config=chat.state.config, sampling=chat.sampling)
+            if system:
+                fresh.set_system(system)
+            return fresh
+
+        try:
+            renamed = self.kv_app.mlx.call(job)
+        except Exception as e:
+            self.post_message(ChatFailed(old, describe_error(e)))
+            self.kv_app.call_from_thread(self.open_chat, old, True)  # back to the old chat, unlocked above
+            return
+        self.kv_app.call_from_thread(self.notify, f"Renamed {old} to {new}.", title="Session")
+        self.post_message(ChatReady(renamed, restored=False))
+
+    def action_fork(self) -> None:
+        chat, store = self.chat, self.kv_app.store
+        if not self.check_action("fork", ()) or chat is None or store is None or not chat.name:
+            return
+        if not store.exists(chat.name):
+            self.notify("Nothing to fork yet: the chat is saved after its first answer.", title="Fork")
+            return
+        suggestion, n = f"{chat.name}-fork", 2
+        while store.exists(suggestion):
+            suggestion, n = f"{chat.name}-fork{n}", n + 1
+
+        def done(new: str | None) -> None:
+            if new:
+                self._fork_current(chat.name or "", new)
+
+        self.kv_app.push_screen(
+            TextDialog("Fork this chat", suggestion, validate=self._name_problem, accept="Fork",
+                       hint="The fork shares the saved KV blocks; you continue in the fork."),
+            done,
+        )
+
+    @work(thread=True, exclusive=True, group="chat")
+    def _fork_current(self, src: str, new: str) -> None:
+        from models.chat import Chat
+
+        store, engine = self.kv_app.store, self.engine
+        assert store is not None and engine is not None
+
+        def job() -> "Chat":
+            store.fork(src, new)
+            return Chat.open(engine, store, new, create=False)
+
+        try:
+            forked = self.kv_app.mlx.call(job)
+        except Exception as e:
+            self.post_message(ChatFailed(new, describe_error(e)))
+            return
+        self.kv_app.call_from_thread(self.notify, f"Forked {src} as {new}; you are in the fork now.", title="Session")
+        self.post_message(ChatReady(forked, restored=True))
+
+    def action_delete(self) -> None:
+        chat = self.chat
+        if not self.check_action("delete", ()) or chat is None:
+            return
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self._delete_current()
+
+        what = f"{chat.title!r} ({chat.name})" if chat.title else (chat.name or "this chat")
+        self.kv_app.push_screen(
+            ConfirmDialog("Delete this chat?", f"Delete {what} and its saved KV cache? This cannot be undone."),
+            done,
+        )
+
+    @work(thread=True, exclusive=True, group="chat")
+    def _delete_current(self) -> None:
+        chat, store = self.chat, self.kv_app.store
+        assert chat is not None and store is not None
+        name = chat.name
+
+        def job() -> None:
+            chat.close()
+            if name and store.exists(name):
+                store.remove(name)
+
+        try:
+            self.kv_app.mlx.call(job)
+        except Exception as e:
+            self.kv_app.call_from_thread(self.notify, describe_error(e), title="Delete", severity="error")
+            return
+        self.kv_app.call_from_thread(self.notify, f"Deleted {name}.", title="Session")
+        self.kv_app.call_from_thread(self.open_chat, None)
+

@@ -1,0 +1,125 @@
+"""One chat turn, relayed from the MLX thread to the screen as typed messages.
+
+The MLX thread only appends events to a queue: no UI work, no lock the UI
+holds, so decoding runs at the model's speed. A relay (a Textual thread worker)
+wakes at most every ``FLUSH_S`` (or at once when the turn ends), joins the text
+that arrived since, and posts one message per batch: a fast model cannot flood
+the event loop, and the screen redraws the growing answer a bounded number of
+times a second.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from textual.message import Message
+
+from models.engine import Event, Finished, TextDelta
+
+from .messages import AnswerChunk, AnswerDone, AnswerFailed, TurnSaved
+from .mlx_thread import MLXThread
+
+if TYPE_CHECKING:
+    from models.chat import Chat
+
+FLUSH_S = 0.05  # answer text reaches the screen at most 20 times a second
+
+StartTurn = Callable[[threading.Event], Iterator[Event]]
+
+
+class _Failure:
+    """An exception raised on the MLX thread, carried to the relay."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()  # the MLX job is over: the turn is saved, or it failed
+
+
+def describe_error(e: BaseException) -> str:
+    """Our errors are one sentence already; anything else gets its type for context."""
+    from models.engine import EngineError
+    from models.errors import ModelError
+
+    if isinstance(e, (EngineError, ModelError, ValueError)):
+        return str(e)
+    try:
+        from mlx_cache.store import StoreError
+
+        if isinstance(e, StoreError):
+            return str(e)
+    except ImportError:
+        pass
+    return f"{type(e).__name__}: {e}"
+
+
+def relay_turn(
+    mlx: MLXThread,
+    chat: "Chat",
+    start: StartTurn,
+    cancel: threading.Event,
+    post: Callable[[Message], Any],
+    stopping: Callable[[], bool],
+) -> None:
+    """Run `start(cancel)` on the MLX thread and post its events until the turn is over.
+
+    Posts AnswerChunk (coalesced text), then AnswerDone (with the cache usage
+    right after the answer) or AnswerFailed, then TurnSaved once the chat's
+    autosave is done (its error, if the save failed). `stopping()` is polled at
+    every wake-up: when it turns true (the app is closing) the turn is cancelled
+    and stops after the token in flight.
+    """
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    wake = threading.Event()
+
+    def produce() -> None:  # on the MLX thread
+        try:
+            for event in start(cancel):
+                if isinstance(event, Finished):
+                    events.put((event, chat.usage()))
+                    wake.set()  # show the end at once, not at the next tick
+                else:
+                    events.put(event)
+        except BaseException as e:  # relayed; the screen shows it
+            events.put(_Failure(e))
+        finally:
+            events.put(_END)
+            wake.set()
+
+    mlx.submit(produce)
+    finished = failed = done = False
+    pending: list[str] = []
+    while not done:
+        wake.wait(FLUSH_S)
+        wake.clear()
+        if stopping():
+            cancel.set()
+        while True:
+            try:
+                item = events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, TextDelta):
+                pending.append(item.text)
+                continue
+            if pending:
+                post(AnswerChunk("".join(pending)))
+                pending.clear()
+            if isinstance(item, tuple):
+                finished = True
+                post(AnswerDone(item[0], item[1]))
+            elif isinstance(item, _Failure):
+                error = describe_error(item.error)
+                # after Finished the answer is on screen: what failed is the save
+                post(TurnSaved(error) if finished else AnswerFailed(error))
+                failed = True
+            elif item is _END:
+                if finished and not failed:
+                    post(TurnSaved(None))
+                done = True
+        if pending:
+            post(AnswerChunk("".join(pending)))
+            pending.clear()

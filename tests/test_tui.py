@@ -1,0 +1,599 @@
+"""The chat app, driven for real: a tiny random-weight model, Pilot, and snapshots.
+
+Every test gets its own KVCHAT_HOME, so settings and sessions never leak
+between tests or into the user's folders. Sampling is greedy, so the tiny
+model's (meaningless) answers are the same every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from textual.message import Message
+from textual.pilot import Pilot
+
+from app.settings import Settings, settings_path
+from app.tui import make_app
+from app.tui.app import KvchatApp
+from app.tui.messages import AnswerChunk, AnswerDone, ChatReady
+from app.tui.screens.chat import ChatScreen
+from app.tui.turns import FLUSH_S
+from app.tui.screens.dialogs import ConfirmDialog, TextDialog
+from app.tui.screens.sessions import SessionBrowser
+from app.tui.screens.settings import SettingsScreen
+from app.tui.widgets.conversation import AssistantMessage, SystemMessage, UserMessage
+from app.tui.widgets.prompt_input import PromptInput
+from app.tui.widgets.status_line import StatusLine
+from models.sample import GREEDY
+
+SIZE = (140, 45)
+PROMPT = "Hello there"  # the tiny llama answers this greedily with 40+ tokens before any EOS
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
+    monkeypatch.delenv("KVCHAT_SNAPSHOT", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dirs) -> str:
+    return str(tiny_model_dirs["llama"])
+
+
+def sync(test: Callable[..., Any]) -> Callable[..., None]:
+    """Run an async Pilot test on a fresh event loop (no async pytest plugin needed)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+class Recorder:
+    """Collects the messages the app posts (harlequin's message_hook pattern)."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def __call__(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+
+def app_for(tiny: str, max_tokens: int = 48, **kwargs: Any) -> KvchatApp:
+    return make_app(model=tiny, sampling=GREEDY.with_(max_tokens=max_tokens), **kwargs)
+
+
+async def until(pilot: Pilot, cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            app = pilot.app
+            assert isinstance(app, KvchatApp)
+            notes = [n.message for n in app._notifications]
+            raise AssertionError(f"timed out; status {status(app)!r}, notifications {notes}")
+        await pilot.pause(0.02)
+
+
+def screen_of(app: KvchatApp) -> ChatScreen:
+    return app.chat_screen
+
+
+async def ready(pilot: Pilot) -> ChatScreen:
+    """Wait until the model is loaded and a chat is open."""
+    screen = screen_of(pilot.app)  # type: ignore[arg-type]
+    await until(pilot, lambda: screen.chat is not None and not screen.loading)
+    return screen
+
+
+async def send(pilot: Pilot, text: str) -> None:
+    screen = screen_of(pilot.app)  # type: ignore[arg-type]
+    turns = screen.turns_done
+    screen.query_one(PromptInput).text = text
+    screen.query_one(PromptInput).focus()
+    await pilot.press("enter")
+    await until(pilot, lambda: screen.turns_done > turns)
+    await pilot.pause()
+
+
+def status(app: KvchatApp) -> str:
+    return app.chat_screen.query_one(StatusLine).message
+
+
+# -- turns --------------------------------------------------------------------------
+
+
+@sync
+async def test_send_streams_coalesced_markdown_and_saves(home, tiny):
+    rec = Recorder()
+    app = app_for(tiny, max_tokens=200)
+    async with app.run_test(size=SIZE, message_hook=rec) as pilot:
+        screen = await ready(pilot)
+        t0 = time.monotonic()
+        await send(pilot, PROMPT)
+        elapsed = time.monotonic() - t0
+        chat = screen.chat
+        assert chat is not None
+        assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+        answer = chat.messages[-1]["content"]
+        assert answer
+        widgets = screen.query(AssistantMessage)
+        assert len(widgets) == 1 and widgets.first().text == answer
+        done = rec.of(AnswerDone)
+        assert len(done) == 1
+        stats = done[0].finished.stats
+        assert stats.generated_tokens > 40
+        # the text arrived in batches: far fewer messages than tokens, bounded by the flush rate
+        chunks = rec.of(AnswerChunk)
+        assert 1 <= len(chunks) <= elapsed / FLUSH_S + 2
+        assert "".join(c.text for c in chunks) == answer
+        assert "reused 0 tokens" in status(app) and "saved" in status(app)
+        assert app.store is not None and chat.name and app.store.exists(chat.name)
+        # the per-answer footer line carries TTFT, speed and token counts
+        stats_line = str(widgets.first().query_one(".stats").render())
+        assert "TTFT" in stats_line and "tok/s" in stats_line and f"{stats.generated_tokens} tokens" in stats_line
+
+
+@sync
+async def test_enter_sends_and_ctrl_j_adds_a_line(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        prompt = screen.query_one(PromptInput)
+        prompt.focus()
+        await pilot.press("a", "ctrl+j", "b")
+        assert prompt.text == "a\nb"
+        assert not screen.busy and screen.turns_done == 0
+        await pilot.press("enter")
+        assert prompt.text == ""
+        await until(pilot, lambda: screen.turns_done == 1)
+        assert screen.chat is not None and screen.chat.messages[0]["content"] == "a\nb"
+
+
+@sync
+async def test_escape_stops_within_a_token_and_keeps_the_partial_answer(home, tiny):
+    rec = Recorder()
+    app = app_for(tiny, max_tokens=3000)
+    async with app.run_test(size=SIZE, message_hook=rec) as pilot:
+        screen = await ready(pilot)
+        screen.query_one(PromptInput).text = PROMPT
+        screen.query_one(PromptInput).focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: bool(rec.of(AnswerChunk)))
+        await pilot.press("escape")
+        await until(pilot, lambda: screen.turns_done == 1)
+        finished = rec.of(AnswerDone)[0].finished
+        assert finished.reason == "cancelled"
+        assert 0 < finished.stats.generated_tokens < 3000
+        chat = screen.chat
+        assert chat is not None and chat.messages[-1] == {"role": "assistant", "content": finished.text}
+        assert screen.query(AssistantMessage).last().text == finished.text
+        # the cache holds exactly the tokens of the log: the next turn can reuse them
+        assert chat.usage()["tokens"] == len(chat.state.tokens)
+        assert "Stopped" in status(app)
+
+
+@sync
+async def test_regenerate_reuses_the_prompt_and_replaces_the_answer(home, tiny):
+    rec = Recorder()
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE, message_hook=rec) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        first = screen.chat.messages[-1]["content"]  # type: ignore[union-attr]
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: screen.turns_done == 2)
+        chat = screen.chat
+        assert chat is not None and [m["role"] for m in chat.messages] == ["user", "assistant"]
+        assert chat.messages[-1]["content"] == first  # greedy: the same answer again
+        assert len(screen.query(AssistantMessage)) == 1
+        stats = rec.of(AnswerDone)[-1].finished.stats
+        assert stats.reused_tokens > 0 and stats.prefilled_tokens <= 1
+
+
+@sync
+async def test_edit_last_message_and_resend(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        await pilot.press("ctrl+t")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        dialog = app.screen
+        from textual.widgets import TextArea
+
+        area = dialog.query_one(TextArea)
+        assert area.text == PROMPT
+        area.text = "Hello again"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: screen.turns_done == 2)
+        chat = screen.chat
+        assert chat is not None
+        assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Hello again"]
+        users = screen.query(UserMessage)
+        assert len(users) == 1 and users.first().text == "Hello again"
+        assert len(screen.query(AssistantMessage)) == 1
+
+
+@sync
+async def test_system_prompt_dialog(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        from textual.widgets import TextArea
+
+        app.screen.query_one(TextArea).text = "You are terse."
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: not isinstance(app.screen, TextDialog))
+        await pilot.pause()
+        chat = screen.chat
+        assert chat is not None and chat.messages[0] == {"role": "system", "content": "You are terse."}
+        assert screen.query_one(SystemMessage).text == "You are terse."
+        await send(pilot, PROMPT)
+        assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+
+
+@sync
+async def test_quitting_mid_answer_stops_it_and_saves_the_partial_turn(home, tiny):
+    rec = Recorder()
+    app = app_for(tiny, max_tokens=3000)
+    async with app.run_test(size=SIZE, message_hook=rec) as pilot:
+        screen = await ready(pilot)
+        screen.query_one(PromptInput).text = PROMPT
+        screen.query_one(PromptInput).focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: bool(rec.of(AnswerChunk)))
+        name = screen.chat.name  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        await pilot.press("ctrl+q")
+    assert time.monotonic() - t0 < 10  # far less than the 3,000 tokens would take
+    from mlx_cache.store import SessionStore
+
+    store = SessionStore()
+    assert name and store.exists(name)
+    data = store.read(name)
+    assert [m["role"] for m in data.messages] == ["user", "assistant"]
+    store.lock(name).release()  # the app released its lock on the way out
+
+
+# -- sessions -----------------------------------------------------------------------
+
+
+@sync
+async def test_reopen_in_a_new_app_restores_history_without_prefill(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        name = screen.chat.name  # type: ignore[union-attr]
+        saved_tokens = len(screen.chat.state.tokens)  # type: ignore[union-attr]
+    assert name
+
+    rec = Recorder()
+    again = app_for(tiny, session=name)
+    async with again.run_test(size=SIZE, message_hook=rec) as pilot:
+        screen = await ready(pilot)
+        assert rec.of(ChatReady)[0].restored
+        assert screen.chat is not None and screen.chat.name == name
+        assert len(screen.chat.state.tokens) == saved_tokens
+        assert len(screen.query(UserMessage)) == 1 and len(screen.query(AssistantMessage)) == 1
+        assert "Restored" in status(again)
+        await send(pilot, "And then?")
+        stats = rec.of(AnswerDone)[-1].finished.stats
+        assert stats.reused_tokens > 0
+        assert stats.prefilled_tokens < stats.prompt_tokens - stats.reused_tokens + 1
+        assert f"reused {stats.reused_tokens:,} tokens" in status(again)
+
+
+@sync
+async def test_browser_lists_filters_and_opens(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, "First chat about apples")
+        first = screen.chat.name  # type: ignore[union-attr]
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != first and not screen.loading)
+        await send(pilot, "Second chat about pears")
+        second = screen.chat.name  # type: ignore[union-attr]
+
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+        browser = app.screen
+        from textual.widgets import DataTable
+
+        table = browser.query_one(DataTable)
+        await until(pilot, lambda: table.row_count == 2)
+        await pilot.press(*"apples")
+        await until(pilot, lambda: table.row_count == 1)
+        assert browser.selected == first
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == first and not screen.loading)
+        assert screen.query(UserMessage).first().text == "First chat about apples"
+        assert app.store is not None and {m.name for m in app.store.list()} == {first, second}
+
+
+@sync
+async def test_fork_rename_and_delete_the_open_chat(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        store = app.store
+        assert store is not None
+        await send(pilot, PROMPT)
+        original = screen.chat.name  # type: ignore[union-attr]
+
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await pilot.press("enter")  # accept the suggested name
+        fork = f"{original}-fork"
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == fork and not screen.loading)
+        assert store.exists(original) and store.exists(fork)
+        assert len(screen.query(AssistantMessage)) == 1  # the fork shows the shared history
+
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        from textual.widgets import Input
+
+        app.screen.query_one(Input).value = "renamed"
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == "renamed" and not screen.loading)
+        assert store.exists("renamed") and not store.exists(fork)
+
+        await pilot.press("f8")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await pilot.press("y")
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != "renamed" and not screen.loading)
+        assert not store.exists("renamed") and store.exists(original)
+        assert not screen.query(UserMessage)
+
+
+@sync
+async def test_browser_forks_renames_and_deletes_other_sessions(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        store = app.store
+        assert store is not None
+        await send(pilot, PROMPT)
+        other = screen.chat.name  # type: ignore[union-attr]
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != other and not screen.loading)
+
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+        browser = app.screen
+        await until(pilot, lambda: browser.selected == other)
+        await pilot.press("f3")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await pilot.press("enter")
+        await until(pilot, lambda: store.exists(f"{other}-fork"))
+
+        await until(pilot, lambda: app.screen is browser and browser.selected == f"{other}-fork")
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        from textual.widgets import Input
+
+        app.screen.query_one(Input).value = "branch"
+        await pilot.press("enter")
+        await until(pilot, lambda: store.exists("branch"))
+
+        await until(pilot, lambda: app.screen is browser and browser.selected == "branch")
+        await pilot.press("f8")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await pilot.press("y")
+        await until(pilot, lambda: not store.exists("branch"))
+        assert store.exists(other)
+
+
+# -- settings, models, commands ------------------------------------------------------
+
+
+@sync
+async def test_settings_are_saved_and_used_by_the_next_app(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        from textual.widgets import Input
+
+        app.screen.query_one("#temperature", Input).value = "0.3"
+        app.screen.query_one("#window", Input).value = "1024"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+        assert screen.chat is not None and screen.chat.sampling.temperature == 0.3
+    data = json.loads(settings_path().read_text())
+    assert data["sampling"]["temperature"] == 0.3 and data["cache"]["window"] == 1024
+    settings, problem = Settings.load()
+    assert problem is None and settings.sampling.temperature == 0.3
+
+
+@sync
+async def test_settings_form_rejects_bad_values(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        from textual.widgets import Input, Static
+
+        app.screen.query_one("#top_p", Input).value = "7"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        assert "top-p" in str(app.screen.query_one("#error", Static).render())
+        assert not settings_path().exists()
+
+
+def test_bad_settings_file_means_defaults_and_a_notice(home):
+    settings_path().write_text("{ not json")
+    settings, problem = Settings.load()
+    assert settings == Settings() and problem and "default settings" in problem
+    settings_path().write_text(json.dumps({"cache": {"kind": "spiral"}}))
+    settings, problem = Settings.load()
+    assert settings == Settings() and problem and "spiral" in problem
+
+
+@sync
+async def test_bad_settings_file_is_announced_in_the_app(home, tiny):
+    settings_path().write_text("[1, 2")
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert any("default settings" in n.message for n in app._notifications)
+
+
+@sync
+async def test_unloadable_model_keeps_the_app_alive(home, tmp_path):
+    app = make_app(model=str(tmp_path / "missing-model"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat_screen
+        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+        assert screen.chat is None and not screen.loading
+        screen.query_one(PromptInput).text = "hi"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not screen.busy
+
+
+@sync
+async def test_model_picker_loads_a_typed_path(home, tiny, tiny_model_dirs, monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+    snap = hub / "models--acme--tiny-chat" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"x" * 10)
+    (hub / "models--acme--no-weights" / "snapshots" / "x").mkdir(parents=True)
+    monkeypatch.setattr("app.tui.model_sources.hf_cache_dir", lambda: hub)
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        first_chat = screen.chat
+        await pilot.press("ctrl+l")
+        from textual.widgets import Input, OptionList
+
+        from app.tui.screens.model_picker import ModelPicker
+
+        await until(pilot, lambda: isinstance(app.screen, ModelPicker))
+        options = app.screen.query_one(OptionList)
+        await until(pilot, lambda: options.option_count >= 2)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert ids[:2] == ["default", "acme/tiny-chat"] and "acme/no-weights" not in ids
+        other = str(tiny_model_dirs["qwen2"])
+        app.screen.query_one(Input).value = other
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.loaded is not None and screen.loaded.name == "qwen2" and not screen.loading,
+                    timeout=30)
+        assert screen.chat is not None and screen.chat is not first_chat
+
+
+@sync
+async def test_command_palette_offers_every_action(home, tiny):
+    from app.tui.commands import ChatCommands
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        provider = ChatCommands(app.screen)
+        hits = [hit async for hit in provider.discover()]
+        actions = {b.action for b in ChatScreen.BINDINGS}  # type: ignore[union-attr]
+        assert len(hits) == len(actions)
+        found = sorted([hit async for hit in provider.search("fork")], reverse=True)
+        assert found and "Fork" in str(found[0].text)
+        # through the real palette: Ctrl+P, type, Enter runs the action
+        await pilot.press("ctrl+p")
+        from textual.command import CommandPalette
+
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"open a saved chat")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+
+
+@sync
+async def test_every_binding_has_a_footer_description_and_help(home, tiny):
+    for binding in ChatScreen.BINDINGS:
+        assert binding.description and binding.tooltip and binding.show  # type: ignore[union-attr]
+
+
+@sync
+async def test_memory_meter_shows_weights_kv_and_budget(home, tiny):
+    from app.tui.probe import LiveProbe
+    from app.tui.widgets.memory_meter import MemoryMeter, meter_rows
+
+    app = app_for(tiny, kv_budget=1 << 30)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        meter = screen.query_one(MemoryMeter)
+        meter.refresh_now()
+        state = screen.meter_state()
+        chat = screen.chat
+        assert chat is not None and state.kv is not None
+        assert state.weights == screen.loaded.weights_bytes and state.budget == 1 << 30  # type: ignore[union-attr]
+        assert state.kv["tokens"] == len(chat.state.tokens) > 0
+        rows = {str(label): str(value) for label, value in meter_rows(LiveProbe().sample(), state)}
+        for label in ("Weights", "KV used", "KV allocated", "KV budget", "MLX active", "MLX cache",
+                      "MLX peak", "Process RSS", "System free"):
+            assert label in rows
+        assert "full · fp16" in rows and rows["full · fp16"] == f"{len(chat.state.tokens):,} tok"
+        assert rows["KV budget"] == "1.0 GB"
+
+
+# -- snapshots ------------------------------------------------------------------------
+
+
+def _snapshot_app(tiny: str) -> KvchatApp:
+    return app_for(tiny, max_tokens=40, snapshot=True)
+
+
+def test_snapshot_chat_after_a_greedy_answer(home, tiny, snap_compare):
+    async def run_before(pilot: Pilot) -> None:
+        await ready(pilot)
+        await send(pilot, "Write a haiku about caches")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
+
+
+def test_snapshot_session_browser(home, tiny, snap_compare):
+    async def run_before(pilot: Pilot) -> None:
+        screen = await ready(pilot)
+        await send(pilot, "Plan a trip to Lisbon")
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(pilot.app.screen, SessionBrowser))
+        from textual.widgets import DataTable
+
+        table = pilot.app.screen.query_one(DataTable)
+        await until(pilot, lambda: table.row_count == 1)
+        del screen
+        await pilot.pause(0.3)
+
+    assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
+
+
+def test_snapshot_settings(home, tiny, snap_compare):
+    async def run_before(pilot: Pilot) -> None:
+        await ready(pilot)
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
+        await pilot.pause(0.3)
+
+    assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
+
