@@ -49,9 +49,9 @@ class Codec:
     def decode(self, planes: Planes, dtype: mx.Dtype) -> mx.array:
         if self.bits is None:
             return planes[0]
-        x = mx.dequantize(*planes, group_size=self.group_size, bits=self.bits).astype(dtype)
-        # The normalized Hadamard matrix is symmetric and orthogonal: it is its own inverse.
-        return hadamard(x) if self.rotate else x
+        if self.rotate:
+            return decode_rotated(planes, self.group_size, self.bits, dtype)
+        return mx.dequantize(*planes, group_size=self.group_size, bits=self.bits).astype(dtype)
 
     def plane_widths(self, head_dim: int) -> tuple[int, ...]:
         """Last-axis width of each plane for a head of `head_dim`."""
@@ -73,6 +73,70 @@ class Codec:
 def hadamard(x: mx.array) -> mx.array:
     """Normalized Hadamard transform along the last axis (orthogonal, self-inverse)."""
     return mx.hadamard_transform(x, scale=1.0 / math.sqrt(x.shape[-1]))
+
+
+def decode_rotated(planes: Planes, group_size: int, bits: int, dtype: mx.Dtype) -> mx.array:
+    """Dequantize rotated planes and rotate back: the keys or values as the model made them.
+
+    A rotated cache runs this over every held token at every decode step, so
+    its speed is the price of rotation. On the CPU, MLX's dequantize and
+    Hadamard kernels are slow at these shapes; unpacking the codes with a few
+    elementwise ops and un-rotating with one float32 matmul by the cached
+    Hadamard matrix (OpenBLAS) is faster. Other backends use their kernels.
+    """
+    if _on_cpu() and bits in _UNPACK:
+        packed, scales, biases = planes
+        codes = _UNPACK[bits](packed).astype(mx.float32)  # (..., tokens, head_dim)
+        groups = scales.shape[-1]
+        if groups == 1:  # group == head_dim: one scale and bias per row broadcast as is
+            x = codes * scales.astype(mx.float32) + biases.astype(mx.float32)
+        else:
+            codes = codes.reshape(*codes.shape[:-1], groups, group_size)
+            x = codes * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+            x = x.reshape(*x.shape[:-2], groups * group_size)
+        # The normalized Hadamard matrix is symmetric and orthogonal: x @ H undoes the rotation.
+        return (x @ hadamard_matrix(x.shape[-1])).astype(dtype)
+    x = mx.dequantize(*planes, group_size=group_size, bits=bits).astype(dtype)
+    return hadamard(x)
+
+
+@lru_cache(maxsize=None)
+def hadamard_matrix(n: int) -> mx.array:
+    """The normalized n x n Hadamard matrix in float32 (n a power of two)."""
+    h = mx.hadamard_transform(mx.eye(n, dtype=mx.float32), scale=1.0 / math.sqrt(n))
+    mx.eval(h)
+    return h
+
+
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+# MLX's affine packing, little-endian: 8-bit codes are the bytes of each uint32;
+# 4-bit codes sit two to a byte, the first in the low nibble; 3-bit codes come
+# 8 to every 3 bytes, code j at bit 3j of the 24-bit integer those bytes form.
+_SHIFT3 = mx.arange(0, 24, 3, dtype=mx.uint32)
+_BYTE_WEIGHTS = mx.array([1, 1 << 8, 1 << 16], dtype=mx.uint32)
+
+
+def _unpack8(packed: mx.array) -> mx.array:
+    return packed.view(mx.uint8)
+
+
+def _unpack4(packed: mx.array) -> mx.array:
+    # Per byte: low nibble first. Byte-wide ops touch a quarter of the memory
+    # that shifting each uint32 eight ways does (measured ~35% faster on the CPU).
+    b = packed.view(mx.uint8)
+    return mx.stack([b & 0xF, b >> 4], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+def _unpack3(packed: mx.array) -> mx.array:
+    triples = packed.view(mx.uint8).reshape(*packed.shape[:-1], -1, 3).astype(mx.uint32)
+    words = (triples * _BYTE_WEIGHTS).sum(axis=-1)  # (..., head_dim / 8) 24-bit words
+    return ((words[..., None] >> _SHIFT3) & 0x7).reshape(*packed.shape[:-1], words.shape[-1] * 8)
+
+
+_UNPACK = {8: _unpack8, 4: _unpack4, 3: _unpack3}
 
 
 @lru_cache(maxsize=None)
