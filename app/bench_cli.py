@@ -27,7 +27,8 @@ def add_bench_parser(sub: Any) -> None:
             f"{AGREEMENT_TOKENS} greedy answer tokens of fixed chat prompts with the full cache's."
         ),
     )
-    q.add_argument("--model", "-m", dest="sub_model", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    q.add_argument("--model", "-m", dest="sub_model", metavar="MODEL",
+                   help="model (default: the embedded SmolLM2-135M-Instruct)")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     q.add_argument("--chunk", type=int, default=MAX_CHUNK,
                    help=f"tokens per forward pass while scoring the text, 1-{MAX_CHUNK} (default {MAX_CHUNK})")

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sessions_cli import add_sessions_parser
 
     add_sessions_parser(sub)
+    from .bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
