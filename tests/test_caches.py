@@ -180,7 +180,9 @@ def test_trim_then_continue_equals_fresh(tiny_models, tokens):
     model = tiny_models["llama"].model
     for cfg in (CacheConfig(), CacheConfig(k_bits=4, v_bits=4), CacheConfig(kind="rotating", window=300, sinks=4)):
         caches = make_caches(model, cfg)
-        model(tokens, cache=caches)
+        # Same chunking on both sides: BLAS results may differ with the matrix size.
+        model(tokens[:, :100], cache=caches)
+        model(tokens[:, 100:], cache=caches)
         for c in caches:
             c.trim_to(100)
         a = model(tokens[:, 100:120], cache=caches)

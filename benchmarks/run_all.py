@@ -1,0 +1,193 @@
+"""Run every benchmark, keep its JSON, and write the README's result tables.
+
+    python benchmarks/run_all.py                 # all benchmarks, then the tables
+    python benchmarks/run_all.py --only cache    # one (or more) of them
+    python benchmarks/run_all.py --report-only   # rewrite the tables from saved JSON
+
+Each benchmark runs in a fresh process and prints one JSON object; it is kept
+in benchmarks/results/NAME.json beside the command that made it. The README's
+tables sit between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+markers and are rewritten from that JSON, so every number there can be traced
+to a command and a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+#: name -> the command (run from the repository root with this Python)
+COMMANDS: dict[str, list[str]] = {
+    "cache": ["benchmarks/bench_cache.py"],
+    "sessions": ["benchmarks/bench_sessions.py"],
+    "rotation_speed": ["benchmarks/bench_rotation_speed.py"],
+    "quality": ["-m", "app", "bench", "quality", "--json"],
+    "tui": ["benchmarks/bench_tui.py"],
+}
+
+
+def run(name: str) -> dict[str, Any]:
+    cmd = [sys.executable, *COMMANDS[name]]
+    print(f"== {name}: {' '.join(['python', *COMMANDS[name]])}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, check=True, text=True).stdout
+    result = json.loads(out)
+    result["_command"] = " ".join(["python", *COMMANDS[name]])
+    result["_wall_s"] = round(time.perf_counter() - t, 1)
+    result["_host"] = f"{platform.system()} {platform.machine()}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def table_cache(r: dict[str, Any]) -> str:
+    lines = [
+        "| context | cache | kvchat tok/s | mlx-lm tok/s | speed ratio | KV bytes/token | vs full |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        lines.append(
+            f"| {row['context']:,} | {row['kind']} | {row['ours_tok_s']:.1f} | {row['mlx_lm_tok_s']:.1f} | "
+            f"{row['speed_ratio']:.3f} | {row['kv_bytes_per_token']:,.0f} | {row['bytes_vs_full']:.2f}x |"
+        )
+    flat = r["rotating_memory_flat"]
+    lines += [
+        "",
+        f"Rotating cache ({flat['window']} + {flat['sinks']} sinks) grown to {flat['tokens_seen']:,} tokens: "
+        f"{_mib(flat['bytes_at_window'])} allocated when the window first filled, "
+        f"{_mib(flat['bytes_at_end'])} at the end, {_mib(flat['max_bytes'])} at most.",
+    ]
+    return "\n".join(lines)
+
+
+def table_sessions(r: dict[str, Any]) -> str:
+    lines = ["| KV dtype | context | save after a 64-token turn | bytes written | ratio vs 256 |",
+             "|---|---:|---:|---:|---:|"]
+    for a in r["autosave"]:
+        base = a["rows"][0]["turn_save_s_median"]
+        for row in a["rows"]:
+            lines.append(
+                f"| {a['dtype']} | {row['context_tokens']:,} | {row['turn_save_s_median'] * 1e3:.1f} ms | "
+                f"{_mib(row['bytes_written_per_turn_median'])} | {row['turn_save_s_median'] / base:.2f} |"
+            )
+    res = r.get("resume")
+    if res:
+        lines += [
+            "",
+            f"Resume vs re-prefill ({res['model']}, KV in {res['kv_dtype']}):",
+            "",
+            "| cache | context | file size | load | re-prefill | resume speed-up |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in res["rows"]:
+            est = " (est.)" if row["prefill_s_estimated"] else ""
+            lines.append(
+                f"| {row['cache']} | {row['context_tokens']:,} | {_mib(row['file_bytes'])} | "
+                f"{row['load_s'] * 1e3:.0f} ms | {row['prefill_s']:.1f} s{est} | {row['resume_speedup']:,.0f}x |"
+            )
+    return "\n".join(lines)
+
+
+def table_rotation_speed(r: dict[str, Any]) -> str:
+    lines = [f"Decode at {r['context']} tokens of context (full cache: {r['full_tok_s']:.1f} tok/s):", "",
+             "| bits | plain tok/s | rotated tok/s | rotated / plain | cost | goal (< 10%) |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for p in r["results"]:
+        lines.append(
+            f"| {p['bits']} | {p['plain_tok_s']:.1f} | {p['rotated_tok_s']:.1f} | {p['ratio']:.3f} | "
+            f"{p['rotation_cost_pct']:.1f}% | {'met' if p['goal_met'] else 'missed'} |"
+        )
+    return "\n".join(lines)
+
+
+def table_quality(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']}: perplexity over a {r['text_tokens']:,}-token public-domain text read in chunks of "
+        f"{r['chunk']}; greedy agreement with the full cache over {r['prompts']} chat prompts "
+        f"(first {r['answer_tokens']} tokens).",
+        "",
+        "| cache | perplexity | vs full | agreement | identical answers |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        agree = f"{row['agreement'] * 100:.1f}%" if "agreement" in row else "-"
+        same = f"{row['identical_answers']}/{r['prompts']}" if "identical_answers" in row else "-"
+        lines.append(f"| {row['name']} | {row['ppl']:.3f} | {row['ppl_vs_full_pct']:+.2f}% | {agree} | {same} |")
+    if r.get("goals"):
+        lines.append("")
+        for g in r["goals"]:
+            lines.append(f"- {'Met' if g['met'] else 'Missed'}: {g['goal']} ({g['value']}; {g['margin']}).")
+    return "\n".join(lines)
+
+
+def table_tui(r: dict[str, Any]) -> str:
+    return "\n".join([
+        "| path | decode tok/s (median of rounds) |",
+        "|---|---:|",
+        f"| `kvchat ask` | {r['ask_decode_tok_s']:.2f} |",
+        f"| the app (meter and streaming Markdown on) | {r['app_decode_tok_s']:.2f} |",
+        "",
+        f"App / ask: {r['ratio']:.3f} (median of {len(r['rounds'])} paired rounds, {r['max_tokens']} tokens each); "
+        f"goal >= 0.95: {'met' if r['goal_met'] else 'missed'}.",
+    ])
+
+
+TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "cache": table_cache,
+    "sessions": table_sessions,
+    "rotation_speed": table_rotation_speed,
+    "quality": table_quality,
+    "tui": table_tui,
+}
+
+
+def render(name: str, result: dict[str, Any]) -> str:
+    device = result.get("device", "")
+    footer = f"\n\n<sub>`{result['_command']}` on {result['_host']} ({device}); JSON in benchmarks/results/{name}.json.</sub>"
+    return TABLES[name](result) + footer
+
+
+def write_readme(names: list[str]) -> None:
+    text = README.read_text()
+    for name in names:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        block = render(name, json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        if not pattern.search(text):
+            print(f"README has no results:{name} markers; skipped", file=sys.stderr)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+    README.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=list(COMMANDS), help="run only these benchmarks")
+    ap.add_argument("--report-only", action="store_true", help="rewrite README tables from saved JSON")
+    args = ap.parse_args()
+    names = args.only or list(COMMANDS)
+    if not args.report_only:
+        for name in names:
+            run(name)
+    write_readme(list(TABLES))
+
+
+if __name__ == "__main__":
+    main()
