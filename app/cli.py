@@ -231,12 +231,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from mlx_cache import CacheConfig
-    from mlx_cache.memory import default_kv_budget, format_bytes, max_tokens
+    from mlx_cache.memory import default_kv_budget, format_bytes, max_tokens, max_window
     from models.load import model_info
 
     loaded = load(_merged(args, "model"))
     info = model_info(loaded)
-    budget = kv_budget_from(args) or default_kv_budget(loaded.weights_bytes)
+    budget = kv_budget_from(args)
+    if budget is None:
+        budget = default_kv_budget(loaded.weights_bytes)
     kinds = {
         "full": CacheConfig(),
         "q8": CacheConfig(k_bits=8, v_bits=8),
@@ -244,14 +246,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         "rotating": CacheConfig(kind="rotating"),
         "rotating-q4": CacheConfig(kind="rotating", k_bits=4, v_bits=4),
     }
-    fits = {}
+    fits: dict[str, Any] = {}
+    windows: dict[str, int] = {}
     for label, cfg in kinds.items():
-        n = max_tokens(loaded.kv_shape, cfg, budget)
-        if n is not None and loaded.max_context and cfg.kind == "full":
+        if cfg.kind == "rotating":
+            # A window never runs out of context; the budget bounds the window
+            # (and the copy of it kept for "regenerate").
+            fits[label] = "unbounded"
+            windows[label] = max(0, min(cfg.window, max_window(loaded.kv_shape, cfg, budget)))
+            continue
+        n = max_tokens(loaded.kv_shape, cfg, budget) or 0
+        if loaded.max_context:
             n = min(n, loaded.max_context)  # the model cannot attend further anyway
-        fits[label] = "unbounded" if n is None else n
+        fits[label] = n
     info["kv_budget_bytes"] = budget
     info["max_context_in_budget"] = fits
+    info["max_window_in_budget"] = windows
     if args.json:
         print(json.dumps(info))
         return 0
@@ -272,7 +282,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{k:>16}  {v}")
     print("longest context in budget:")
     for label, n in fits.items():
-        shown = "unbounded (window)" if n == "unbounded" else f"{n:,} tokens"
+        if label in windows:
+            w = windows[label]
+            shown = f"unbounded, window {w:,} + 4 sinks" if w >= 1 else "none: no window fits this budget"
+        else:
+            shown = f"{n:,} tokens"
         print(f"{label:>16}  {shown}")
     return 0
 

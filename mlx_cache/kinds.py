@@ -53,6 +53,14 @@ class Checkpoint:
     offset: int
     state: dict[str, Any]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the checkpoint's copies of the buffers hold."""
+        total = 0
+        for key in ("keys", "values", "fp_head"):
+            total += sum(p.nbytes for p in self.state.get(key) or ())
+        return total
+
 
 def _slice_tokens(planes: Planes, start: int, end: int) -> Planes:
     return tuple(p[..., start:end, :] for p in planes)
@@ -393,6 +401,7 @@ class RotatingKVCache(_BaseKV):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         k, v = self._encode(keys, values)
         if keys.shape[2] == 1 and self.keys is not None:
+            self._remember_fp_head(self.offset, keys, values)
             self._update_one(k, v)
             held = self.tokens
             if held < self.keys[0].shape[2]:

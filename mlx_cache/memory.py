@@ -89,6 +89,19 @@ def max_tokens(shape: KVShape, config: CacheConfig, budget_bytes: int) -> int | 
     return max(0, (budget_bytes // per) // step * step)
 
 
+def max_window(shape: KVShape, config: CacheConfig, budget_bytes: int, checkpoint: bool = True) -> int:
+    """Largest rotating window (besides `config.sinks`) whose cache fits in `budget_bytes`.
+
+    With `checkpoint`, half the budget is left for the copy of the window that
+    the engine keeps for "regenerate" once the window wraps. May be <= 0.
+    """
+    sinks = config.sinks if config.kind == "rotating" else 0
+    per = bytes_per_token(shape, config)
+    fp_head = predict(shape, config, sinks)[0] - sinks * per  # unquantized sink copies
+    room = budget_bytes // 2 if checkpoint else budget_bytes
+    return (room - fp_head) // per - sinks
+
+
 def available_system_memory() -> int:
     """Bytes of RAM the OS reports as available (MemAvailable), or total as a fallback."""
     try:

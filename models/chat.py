@@ -55,6 +55,7 @@ class Chat:
         self.messages: list[Message] = []
         self.state: ChatState = engine.new_state(cache_config)
         self.last: Finished | None = None
+        self.last_started = False  # whether the latest turn got as far as an event
         self.created = time.time()
         self._lock = None
         if system:
@@ -141,7 +142,14 @@ class Chat:
     def send(self, text: str, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Add a user message and stream the answer."""
         self.messages.append({"role": "user", "content": text})
-        yield from self._answer(cancel)
+        try:
+            yield from self._answer(cancel)
+        except Exception:
+            # The turn never started (e.g. over the context or the budget): forget
+            # the message so the history stays a clean alternation for a retry.
+            if self.last_started is False and self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            raise
 
     def regenerate(self, cancel: threading.Event | None = None) -> Iterator[Event]:
         """Drop the last answer and answer the last user message again."""
@@ -160,21 +168,14 @@ class Chat:
         yield from self.send(text, cancel)
 
     def _answer(self, cancel: threading.Event | None) -> Iterator[Event]:
+        self.last_started = False
         self._maybe_reuse_stored_prefix()
-        try:
-            for event in self.engine.generate(self.state, self.messages, self.sampling, cancel):
-                if isinstance(event, Finished):
-                    self.last = event
-                    if event.text or event.reason != "cancelled":
-                        self.messages.append({"role": "assistant", "content": event.text})
-                    else:
-                        self.messages.append({"role": "assistant", "content": ""})
-                yield event
-        except Exception:
-            # the turn never started: forget the message so a retry is clean
-            if self.messages and self.messages[-1]["role"] == "user" and self.last is None:
-                pass
-            raise
+        for event in self.engine.generate(self.state, self.messages, self.sampling, cancel):
+            self.last_started = True
+            if isinstance(event, Finished):
+                self.last = event
+                self.messages.append({"role": "assistant", "content": event.text})
+            yield event
         self.save()
 
     def _maybe_reuse_stored_prefix(self) -> None:

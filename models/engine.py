@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Literal, Sequence, Union
 
 import mlx.core as mx
 
 from mlx_cache import CacheConfig, Checkpoint, measure, predict
 from mlx_cache.kinds import make_caches
-from mlx_cache.memory import max_tokens as fit_tokens
+from mlx_cache.memory import max_window
 
 from .sample import Sampler, SamplingConfig
 from .template import Message, common_prefix, encode_chat
 
 PREFILL_CHUNK = 512  # a multiple of the caches' 256-token step keeps allocation predictable
+MIN_WINDOW = 64  # smallest rotating window the budget may force: less is no conversation
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
 
@@ -90,6 +95,12 @@ class ChatState:
     # (position, per-layer checkpoints) at the end of the last prompt, for rotating caches
     checkpoint: tuple[int, list[Checkpoint]] | None = None
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes held by the checkpoint copy (0 when there is none)."""
+        if self.checkpoint is None:
+            return 0
+        return sum(layer.nbytes for layer in self.checkpoint[1])
+
     def usage(self) -> dict[str, Any]:
         u = measure(self.caches)
         c = self.config
@@ -104,6 +115,7 @@ class ChatState:
             "tokens": u.tokens,
             "bytes_used": u.bytes_used,
             "bytes_allocated": u.bytes_allocated,
+            "checkpoint_bytes": self.checkpoint_bytes(),
         }
 
 
@@ -159,14 +171,20 @@ class Engine:
             raise EngineError("The prompt is empty: type a message first.")
         target = self.encode(messages)
         self._check_context(state, len(target))
+        sampling = self._fit_context(state, len(target), sampling)
         switched = self._fit_budget(state, len(target) + sampling.max_tokens)
 
         reused, restored = self._reuse(state, target)
         t_prefill = time.perf_counter()
         self._prefill(state, target[reused:-1])
         prefilled = len(target) - reused
-        if any(hasattr(c, "window") for c in state.caches):
+        # A window that wraps during the answer cannot be trimmed back for
+        # "regenerate": keep a copy of the cache at the end of the prompt, but
+        # only then (the copy costs as much memory as the window).
+        if self._may_wrap(state, sampling.max_tokens):
             state.checkpoint = (len(state.tokens), [c.checkpoint() for c in state.caches])
+        else:
+            state.checkpoint = None
 
         sampler = Sampler(sampling)
         yield from self._decode(
@@ -182,23 +200,57 @@ class Engine:
                 "start a new chat, shorten the prompt, or use a rotating cache (--cache rotating)."
             )
 
+    @staticmethod
+    def _may_wrap(state: ChatState, max_tokens: int) -> bool:
+        """Whether a rotating layer has evicted, or may evict during the answer, a token."""
+        return any(
+            hasattr(c, "capacity") and c.offset + max_tokens > c.capacity for c in state.caches
+        )
+
+    def _fit_context(self, state: ChatState, n: int, sampling: SamplingConfig) -> SamplingConfig:
+        """Cap the answer so a full cache never runs past the model's context."""
+        limit = self.loaded.max_context
+        if state.config.kind != "full" or not limit or n + sampling.max_tokens <= limit:
+            return sampling
+        return sampling.with_(max_tokens=max(1, limit - n))
+
     def _fit_budget(self, state: ChatState, tokens_needed: int) -> bool:
-        """Keep the cache within the KV budget; returns True if it switched to a window."""
-        if self.kv_budget is None or state.config.kind == "rotating":
+        """Keep the cache (and a rotating cache's checkpoint) within the KV budget.
+
+        Returns True if the chat switched to a rotating window. A rotating
+        cache is checked at its full capacity, twice over: the checkpoint kept
+        for "regenerate" once the window wraps is a copy of it.
+        """
+        if self.kv_budget is None:
             return False
         shape = self.loaded.kv_shape
-        used, allocated = predict(shape, state.config, tokens_needed)
+        config = state.config
+        if config.kind == "rotating":
+            allocated = 2 * predict(shape, config, config.capacity or 0)[1]
+        else:
+            allocated = predict(shape, config, tokens_needed)[1]
         if allocated <= self.kv_budget:
             return False
         if self.on_budget == "refuse":
-            raise BudgetExceeded(
-                f"This turn needs about {allocated / 2**20:.0f} MiB of KV cache but the budget is "
-                f"{self.kv_budget / 2**20:.0f} MiB: raise --kv-budget, quantize the cache (--kv-bits 4) "
-                "or use a rotating window (--cache rotating)."
+            advice = (
+                "raise --kv-budget, quantize the cache (--kv-bits 4) or use a smaller --window"
+                if config.kind == "rotating"
+                else "raise --kv-budget, quantize the cache (--kv-bits 4) or use a rotating window (--cache rotating)"
             )
-        sinks = 4
-        fit = fit_tokens(shape, state.config, self.kv_budget) or 0
-        window = max(64, fit - sinks - 256)
+            raise BudgetExceeded(
+                f"This chat needs about {_mib(allocated)} of KV cache but the budget is "
+                f"{_mib(self.kv_budget)}: {advice}."
+            )
+        sinks = min(config.sinks, 4) if config.kind == "rotating" else 4
+        window = max_window(shape, replace(config, kind="rotating", sinks=sinks, keep_fp=min(config.keep_fp, sinks)),
+                            self.kv_budget)
+        if window < MIN_WINDOW:
+            raise BudgetExceeded(
+                f"The KV budget of {_mib(self.kv_budget)} cannot hold even a {MIN_WINDOW}-token window "
+                f"for this model: raise --kv-budget or quantize the cache (--kv-bits 4)."
+            )
+        if config.kind == "rotating":
+            window = min(window, config.window)
         new_config = CacheConfig(
             kind="rotating", window=window, sinks=sinks, k_bits=state.config.k_bits,
             v_bits=state.config.v_bits, group_size=state.config.group_size,

@@ -232,6 +232,24 @@ def test_predicted_bytes_equal_measured(tiny_models, tokens, cfg):
     assert len(usage.per_layer) == 2
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CacheConfig(kind="rotating", window=40, sinks=4, k_bits=4, v_bits=4, keep_fp=4),
+        CacheConfig(k_bits=8, v_bits=4, keep_fp=3),
+    ],
+    ids=lambda c: c.label(),
+)
+def test_predicted_bytes_equal_measured_one_token_at_a_time(tiny_models, tokens, cfg):
+    # Decoding feeds one token per call: the unquantized head must be kept on that path too.
+    lm = tiny_models["llama"]
+    caches = make_caches(lm.model, cfg)
+    run(lm.model, caches, tokens[:, :60], chunk=1, steps=0)
+    usage = measure(caches)
+    assert (usage.bytes_used, usage.bytes_allocated) == predict(lm.kv_shape, cfg, caches[0].offset)
+    assert caches[0]._fp_head[0].shape[2] == cfg.keep_fp
+
+
 def test_quantized_bytes_ratios():
     shape = KVShape(30, 3, 64, 2)
     full = predict(shape, CacheConfig(), 4096)[0]

@@ -150,7 +150,9 @@ def test_budget_switches_to_window_or_refuses(tiny_models):
     state = engine.new_state()
     fin = answer(engine, state, msgs, GREEDY.with_(max_tokens=300))
     assert fin.stats.switched_to_rotating and state.config.kind == "rotating"
-    assert state.usage()["bytes_allocated"] <= budget
+    usage = state.usage()
+    assert usage["checkpoint_bytes"] > 0  # the window wrapped during the answer
+    assert usage["bytes_allocated"] + usage["checkpoint_bytes"] <= budget
     strict = Engine(lm, kv_budget=budget, on_budget="refuse")
     with pytest.raises(BudgetExceeded, match="budget"):
         answer(strict, strict.new_state(), msgs, GREEDY.with_(max_tokens=300))
@@ -163,3 +165,55 @@ def test_stats_are_reported(tiny_models):
     for key in ("prompt_tokens", "reused_tokens", "prefilled_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s", "generated_tokens"):
         assert key in s
     assert s["ttft_s"] > 0 and s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0
+
+
+def test_budget_bounds_a_rotating_cache_and_its_checkpoint(tiny_models):
+    lm = tiny_models["llama"]
+    per_token = 2 * 2 * 64 * 4 * 2
+    budget = per_token * 300
+    msgs = [{"role": "user", "content": "word " * 100}]
+    cfg = CacheConfig(kind="rotating", window=1024, sinks=4)
+    strict = Engine(lm, kv_budget=budget, on_budget="refuse")
+    with pytest.raises(BudgetExceeded, match="smaller --window"):
+        answer(strict, strict.new_state(cfg), msgs)
+    engine = Engine(lm, kv_budget=budget, on_budget="rotate")
+    state = engine.new_state(cfg)
+    fin = answer(engine, state, msgs, GREEDY.with_(max_tokens=200))
+    assert fin.stats.switched_to_rotating and state.config.window < 1024
+    usage = state.usage()
+    assert usage["checkpoint_bytes"] > 0
+    assert usage["bytes_allocated"] + usage["checkpoint_bytes"] <= budget
+    # A budget too small for any useful window is refused, not silently exceeded.
+    tiny_budget = Engine(lm, kv_budget=per_token * 20, on_budget="rotate")
+    with pytest.raises(BudgetExceeded, match="cannot hold"):
+        answer(tiny_budget, tiny_budget.new_state(cfg), msgs)
+
+
+def test_checkpoint_only_when_the_window_may_wrap(tiny_models):
+    engine = Engine(tiny_models["llama"])
+    chat = Chat(engine, CacheConfig(kind="rotating", window=400, sinks=4), GREEDY.with_(max_tokens=8))
+    list(chat.send("hello"))
+    assert chat.state.checkpoint is None and chat.usage()["checkpoint_bytes"] == 0
+    again = list(chat.regenerate())[-1]  # no wrap: a plain trim serves regenerate
+    assert again.stats.prefilled_tokens == 1 and not again.stats.restored_checkpoint
+    chat.sampling = chat.sampling.with_(max_tokens=500)
+    list(chat.send("more"))
+    assert chat.state.checkpoint is not None and chat.usage()["checkpoint_bytes"] > 0
+
+
+def test_answer_stops_at_the_models_context(tiny_models):
+    from dataclasses import replace
+
+    lm = replace(tiny_models["llama"], max_context=64)
+    engine = Engine(lm)
+    state = engine.new_state()
+    fin = answer(engine, state, [{"role": "user", "content": "hi"}], GREEDY.with_(max_tokens=500))
+    assert fin.reason == "length" and len(state.tokens) <= 64
+
+
+def test_a_turn_that_cannot_start_leaves_no_message(tiny_models):
+    engine = Engine(tiny_models["llama"], kv_budget=1, on_budget="refuse")
+    chat = Chat(engine, sampling=GREEDY.with_(max_tokens=4))
+    with pytest.raises(BudgetExceeded):
+        list(chat.send("hello"))
+    assert chat.messages == []

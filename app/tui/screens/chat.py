@@ -425,12 +425,9 @@ class ChatScreen(SessionActions, Screen[None]):
         conv = self.query_one(Conversation)
         if self._answer is not None:
             await self._answer.remove()
-        chat = self.chat
-        if kind == "send" and chat is not None:
-            # The turn never produced an answer: forget the message, and give the
-            # text back to the box so nothing typed is lost.
-            if chat.messages and chat.messages[-1]["role"] == "user" and chat.messages[-1]["content"] == text:
-                chat.messages.pop()
+        if kind == "send":
+            # The turn never produced an answer (the chat has forgotten the
+            # message): give the text back to the box so nothing typed is lost.
             user = conv.last_of(UserMessage)
             if user is not None:
                 await user.remove()

@@ -70,12 +70,14 @@ def meter_rows(sample: MemorySample, state: MeterState) -> list[tuple[str | Text
     if kv is not None:
         rows.append(("KV used", format_bytes(kv["bytes_used"])))
         rows.append(("KV allocated", format_bytes(kv["bytes_allocated"])))
+        if kv.get("checkpoint_bytes"):  # a wrapped window's copy, kept for "regenerate"
+            rows.append(("KV checkpoint", format_bytes(kv["checkpoint_bytes"])))
         rows.append((Text(kv_label(kv), style="dim"), Text(f"{kv['tokens']:,} tok", style="dim")))
     else:
         rows.append(("KV cache", "—"))
     if state.budget is not None:
         rows.append(("KV budget", format_bytes(state.budget)))
-        used = kv["bytes_allocated"] if kv else 0
+        used = kv["bytes_allocated"] + kv.get("checkpoint_bytes", 0) if kv else 0
         pct = used / state.budget if state.budget else 0.0
         rows.append((_bar(pct, 16), Text(f"{pct:.1%}", style="dim")))
     rows.append(("", ""))
