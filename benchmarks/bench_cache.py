@@ -17,13 +17,18 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx_cache  # noqa: E402,F401  (first: sets up the CPU BLAS before mlx.core loads)
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models import cache as mlc  # noqa: E402
 
-from mlx_cache import CacheConfig, make_caches, measure  # noqa: E402
+from mlx_cache import CacheConfig, KVShape, make_caches, measure  # noqa: E402
+from mlx_cache.memory import bytes_per_token  # noqa: E402
 from models.load import load_model  # noqa: E402
 
 WINDOW, SINKS = 256, 4
@@ -146,11 +151,18 @@ def main() -> None:
             })
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     full = {r["context"]: r["kv_bytes_per_token"] for r in results if r["kind"] == "full"}
+    # On the CPU the model (hence its KV) runs in float32; on Metal and CUDA it
+    # is 16-bit. The goals compare with a 16-bit full cache, so report both.
+    shape16 = KVShape(loaded.kv_shape.n_layers, loaded.kv_shape.n_kv_heads, loaded.kv_shape.head_dim, 2)
+    per16 = bytes_per_token(shape16, CacheConfig())
     for r in results:
         r["bytes_vs_full"] = round(r["kv_bytes_per_token"] / full[r["context"]], 3)
+        cfg = kinds()[r["kind"]][0]
+        r["bytes_vs_16bit_full"] = round(bytes_per_token(shape16, cfg) / per16, 3)
     out = {
         "benchmark": "cache_decode", "model": loaded.name, "machine": platform.machine(),
         "device": str(mx.default_device()), "steps": args.steps, "rounds": args.rounds,
+        "kv_dtype": str(loaded.kv_shape.dtype).rsplit(".", 1)[-1],
         "results": results, "rotating_memory_flat": flat_memory(model, vocab),
     }
     print(json.dumps(out, indent=1))

@@ -57,13 +57,15 @@ def _mib(n: float) -> str:
 
 def table_cache(r: dict[str, Any]) -> str:
     lines = [
-        "| context | cache | kvchat tok/s | mlx-lm tok/s | speed ratio | KV bytes/token | vs full |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        f"| context | cache | kvchat tok/s | mlx-lm tok/s | speed ratio | KV bytes/token ({r['kv_dtype']}) "
+        "| vs full | vs 16-bit full |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["results"]:
         lines.append(
             f"| {row['context']:,} | {row['kind']} | {row['ours_tok_s']:.1f} | {row['mlx_lm_tok_s']:.1f} | "
-            f"{row['speed_ratio']:.3f} | {row['kv_bytes_per_token']:,.0f} | {row['bytes_vs_full']:.2f}x |"
+            f"{row['speed_ratio']:.3f} | {row['kv_bytes_per_token']:,.0f} | {row['bytes_vs_full']:.2f}x | "
+            f"{row['bytes_vs_16bit_full']:.2f}x |"
         )
     flat = r["rotating_memory_flat"]
     lines += [
