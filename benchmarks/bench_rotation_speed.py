@@ -10,10 +10,11 @@ JSON reports the median of the per-round speed ratios (rotated / plain):
 pairing rounds cancels drift in the machine's speed. Goal: rotation costs
 less than 10% (ratio >= 0.90).
 
-A plain cache whose keys and values have equal bits attends with MLX's
-quantized-matmul kernel where the backend has one; a rotated cache
-dequantizes and un-rotates its keys and values instead. The JSON says which
-path each ran.
+Where the backend has a quantized-matmul kernel for these shapes (Metal, the
+CPU), both caches attend with it: the rotated one rotates the query and the
+attention output instead of its keys and values (models/attention.py). Where
+it has none (CUDA in MLX 0.32), both dequantize, and the rotated cache also
+un-rotates. The JSON says which path each ran.
 """
 
 from __future__ import annotations

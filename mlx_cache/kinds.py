@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 
 from .config import CacheConfig
-from .quantize import Codec, Planes, quantized_attention_available
+from .quantize import Codec, Planes, RotatedPlanes, quantized_attention_available, rotated_attention_enabled
 
 
 @runtime_checkable
@@ -118,7 +118,7 @@ class _BaseKV:
         self._qattn = (
             c.k_bits is not None
             and c.k_bits == c.v_bits
-            and not c.rotate
+            and (not c.rotate or rotated_attention_enabled())
             and c.keep_fp == 0
             and values.shape[-1] == keys.shape[-1]
             and quantized_attention_available(c.k_bits, c.group_size, self.head_dim, keys.dtype)
@@ -148,7 +148,8 @@ class _BaseKV:
     def _present(self, k: Planes, v: Planes) -> tuple[Any, Any]:
         """Turn stored planes into what the model's attention consumes."""
         if self._qattn:
-            return k, v
+            # Rotated planes go to attention still rotated; it rotates q and the output.
+            return (RotatedPlanes(k), RotatedPlanes(v)) if self.config.rotate else (k, v)
         if not self.kc.quantized and not self.vc.quantized:
             return k[0], v[0]
         keys = self.kc.decode(k, self.dtype)

@@ -21,6 +21,33 @@ Planes = tuple[mx.array, ...]
 FORCE_DEQUANTIZED_ATTENTION = os.environ.get("KVCHAT_DEQUANT_ATTENTION") == "1"
 
 
+class RotatedPlanes(tuple):
+    """Quantized planes of Hadamard-rotated keys or values, handed to attention as is.
+
+    Attention that sees this type rotates the queries the same way (so q.k is
+    unchanged) and rotates its output back (the values were rotated); see
+    :func:`enable_rotated_attention`.
+    """
+
+
+_rotated_attention = False
+
+
+def enable_rotated_attention() -> None:
+    """Declare that attention understands :class:`RotatedPlanes`.
+
+    The caller (kvchat's model layer) wraps the model's quantized attention so
+    that it rotates queries and outputs. Until this is called, rotated caches
+    dequantize and un-rotate their keys and values for plain attention.
+    """
+    global _rotated_attention
+    _rotated_attention = True
+
+
+def rotated_attention_enabled() -> bool:
+    return _rotated_attention
+
+
 class Codec:
     """Encodes and decodes one of K or V.
 
@@ -78,8 +105,9 @@ def hadamard(x: mx.array) -> mx.array:
 def decode_rotated(planes: Planes, group_size: int, bits: int, dtype: mx.Dtype) -> mx.array:
     """Dequantize rotated planes and rotate back: the keys or values as the model made them.
 
-    A rotated cache runs this over every held token at every decode step, so
-    its speed is the price of rotation. On the CPU, MLX's dequantize and
+    Where attention cannot take rotated planes as they are (no quantized
+    kernel on the backend, or keys and values of different bits), a rotated
+    cache runs this over every held token at every decode step. On the CPU, MLX's dequantize and
     Hadamard kernels are slow at these shapes; unpacking the codes with a few
     elementwise ops and un-rotating with one float32 matmul by the cached
     Hadamard matrix (OpenBLAS) is faster. Other backends use their kernels.

@@ -197,7 +197,10 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
     params = _count_parameters(model)
+    from .attention import install as install_rotated_attention
     from .cpu import expand_for_cpu
+
+    install_rotated_attention()  # rotated quantized caches attend without un-rotating
 
     expand_for_cpu(model, params)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -144,6 +144,27 @@ def test_dequantized_fallback_is_close_to_quantized_attention(tiny_models, token
     assert all(mx.allclose(a, b, atol=1e-3).item() for a, b in zip(fast, slow))
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_rotated_attention_rotates_queries_instead_of_the_cache(tiny_models, tokens, monkeypatch, bits):
+    # With the quantized kernel, the query and the output are rotated and the
+    # cache stays rotated; without it, the cache is un-rotated. Same attention.
+    model = tiny_models["llama"].model
+    cfg = CacheConfig(k_bits=bits, v_bits=bits, rotate=True)
+    caches = make_caches(model, cfg)
+    fast = run(model, caches, tokens, steps=5)
+    if not caches[0]._qattn:
+        pytest.skip("this backend has no quantized-attention kernel")
+    monkeypatch.setattr(qmod, "FORCE_DEQUANTIZED_ATTENTION", True)
+    qmod.quantized_attention_available.cache_clear()
+    try:
+        caches = make_caches(model, cfg)
+        slow = run(model, caches, tokens, steps=5)
+        assert not caches[0]._qattn
+    finally:
+        qmod.quantized_attention_available.cache_clear()
+    assert all(mx.allclose(a, b, atol=1e-4).item() for a, b in zip(fast, slow))
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
