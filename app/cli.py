@@ -48,6 +48,9 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
                    help="when a chat would exceed the budget: switch to a rotating window, or refuse")
 
 
+CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, help="most tokens in the answer (default 512)")
@@ -111,6 +114,7 @@ def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
         fields.setdefault("kind", "rotating")
     if getattr(args, "sinks", None) is not None:
         fields["sinks"] = args.sinks
+        fields.setdefault("kind", "rotating")
     if getattr(args, "kv_bits", None) is not None:
         fields["k_bits"] = fields["v_bits"] = args.kv_bits
     if getattr(args, "k_bits", None) is not None:
@@ -186,22 +190,28 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not prompt.strip():
         raise UserError("The prompt is empty: pass the question in quotes, e.g. kvchat ask \"What is MLX?\".")
+    # Validate everything cheap before the slow model load.
     cache_config = cache_config_from(args)
     sampling = sampling_from(args)
-    budget = kv_budget_from(args)  # validate before the slow model load
+    kv_budget_from(args)
+    session = _merged(args, "session")
+    if session:
+        from mlx_cache.store import check_name
+
+        check_name(session)
     loaded = load(_merged(args, "model"))
     engine = make_engine(args, loaded)
-    session = _merged(args, "session")
     if session:
         from mlx_cache.store import SessionStore
 
-        explicit = any(getattr(args, f, None) is not None for f in ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate"))
-        chat = Chat.open(engine, SessionStore(), session, cache_config=cache_config if explicit else None, sampling=sampling)
+        explicit = any(getattr(args, f, None) is not None for f in CACHE_FLAGS)
+        chat = Chat.open(engine, SessionStore(), session, cache_config=cache_config if explicit else None)
+        # The session keeps its own sampling; flags given now change it.
+        chat.sampling = sampling_from(args, chat.sampling)
         if args.system:
             chat.set_system(args.system)
     else:
         chat = Chat(engine, cache_config, sampling, system=args.system)
-    del budget
     cancel = threading.Event()
     finished = None
     try:
@@ -302,7 +312,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from .tui import run_tui
 
-    explicit = any(getattr(args, f, None) is not None for f in ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate"))
+    explicit = any(getattr(args, f, None) is not None for f in CACHE_FLAGS)
     return run_tui(
         model=args.model,
         cache_config=cache_config_from(args) if explicit else None,
@@ -318,7 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models.errors import ModelError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse cannot take an optional positional after an option
+        # ("sessions export NAME --format mlx-lm OUT"): accept that one case.
+        if (getattr(args, "sessions_command", None) == "export" and len(extras) == 1
+                and not extras[0].startswith("-") and not args.out):
+            args.out = extras[0]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     handlers = {"ask": cmd_ask, "info": cmd_info, "setup": cmd_setup}
     try:
         if args.command is None:

@@ -41,6 +41,7 @@ def add_sessions_parser(sub: Any) -> None:
     p.add_argument("name")
     p.add_argument("out", nargs="?", help="output file (required for mlx-lm; Markdown goes to stdout without it)")
     p.add_argument("--format", choices=["markdown", "mlx-lm"], default="markdown")
+    p.add_argument("--output", "-o", dest="output", help="output file (the same as OUT)")
     p.set_defaults(handler=cmd_export)
 
     p = ss.add_parser("gc", help="delete KV blocks no session references")
@@ -61,7 +62,10 @@ def _when(ts: float) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from mlx_cache.memory import format_bytes
 
-    metas = _store().list()
+    store = _store()
+    metas = store.list()
+    for name, problem in store.broken():  # shown, never hidden: the user may want to rescue them
+        print(f"kvchat: skipped {name}: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps([
             {"name": m.name, "title": m.title, "model": m.model_name, "tokens": m.tokens,
@@ -119,17 +123,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .cli import UserError
 
     store = _store()
+    out = args.output or args.out
     if args.format == "markdown":
         text = store.export_markdown(args.name)
-        if args.out:
-            Path(args.out).write_text(text)
-        else:
+        if not out:
             sys.stdout.write(text)
+            return 0
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"Could not write {out} ({e.strerror or e}): check that the folder exists and is writable.") from None
+        print(f"Wrote {out}")
         return 0
-    if not args.out:
+    if not out:
         raise UserError("Exporting to mlx-lm needs an output file: kvchat sessions export NAME --format mlx-lm OUT.safetensors.")
-    store.export_mlx_lm(args.name, Path(args.out))
-    print(f"Wrote {args.out}")
+    written = store.export_mlx_lm(args.name, Path(out))
+    print(f"Wrote {written}")
     return 0
 
 

@@ -1063,8 +1063,11 @@ class SessionStore:
             lines += [f"## {role}", "", str(msg.get("content", "")).rstrip(), ""]
         return "\n".join(lines)
 
-    def export_mlx_lm(self, name: str, out_path: Path) -> None:
+    def export_mlx_lm(self, name: str, out_path: Path) -> Path:
         """Write `name`'s KV cache as an mlx-lm prompt-cache file (``load_prompt_cache`` reads it).
+
+        Returns the path written: ``.safetensors`` is appended when missing, as
+        mlx-lm's own saver does (its loader picks the format by the suffix).
 
         Full float caches become ``KVCache``, full quantized ones ``QuantizedKVCache``
         (when keys and values share bits and no rotation or float head is used,
@@ -1073,6 +1076,8 @@ class SessionStore:
         """
         check_name(name)
         out_path = Path(out_path)
+        if out_path.suffix != ".safetensors":
+            out_path = out_path.with_name(out_path.name + ".safetensors")
         store_lock = self._store_lock(write=False)
         try:
             raw = self._raw_index(name)
@@ -1106,6 +1111,7 @@ class SessionStore:
         finally:
             if tmp.exists():
                 tmp.unlink()
+        return out_path
 
 
 # -- helpers ------------------------------------------------------------------------------

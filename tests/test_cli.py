@@ -61,6 +61,8 @@ def test_ask_session_resumes_without_reprefill(tiny_model_dirs, tmp_path):
         (("ask", "hi", "--kv-budget", "lots"), "not a size"),
         (("ask", "hi", "-m", "nope.gguf"), "No GGUF file"),
         (("sessions", "show", "../etc"), ""),
+        (("ask", "hi", "--session", "../x"), "session name"),
+        (("ask", "hi", "--sinks", "-3"), "negative"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, needle, tmp_path):
@@ -94,3 +96,36 @@ def test_bench_quality_runs_from_the_command_line(tiny_model_dirs, tmp_path):
     r = kvchat("bench", "quality", "-m", str(tiny_model_dirs["llama"]), "--prompts", "0", home=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "context" in r.stderr.splitlines()[-1]
+
+
+def test_session_commands_export_fork_and_keep_settings(tiny_model_dirs, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache
+
+    model = str(tiny_model_dirs["llama"])
+    a = kvchat("ask", "first question", "-m", model, "--max-tokens", "4", "--temp", "0", "--session", "s",
+               home=tmp_path)
+    assert a.returncode == 0, a.stderr
+    # A later turn without sampling flags keeps the session's own (greedy) sampling.
+    b = kvchat("ask", "second", "-m", model, "--max-tokens", "4", "--session", "s", home=tmp_path)
+    assert b.returncode == 0, b.stderr
+    shown = json.loads(kvchat("sessions", "show", "s", "--json", home=tmp_path).stdout)
+    assert shown["sampling"]["temperature"] == 0.0
+    assert [m["role"] for m in shown["messages"]] == ["user", "assistant", "user", "assistant"]
+
+    assert kvchat("sessions", "fork", "s", "t", home=tmp_path).returncode == 0
+    # The spelling: the output file after the format.
+    r = kvchat("sessions", "export", "t", "--format", "mlx-lm", str(tmp_path / "t-cache"), home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cache, meta = load_prompt_cache(str(tmp_path / "t-cache.safetensors"), return_metadata=True)
+    assert cache[0].offset == len(json.loads(meta["tokens"])) > 0
+
+    md = kvchat("sessions", "export", "t", home=tmp_path)
+    assert md.returncode == 0 and "first question" in md.stdout
+    bad = kvchat("sessions", "export", "t", "-o", str(tmp_path / "no" / "such" / "dir.md"), home=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "folder" in bad.stderr
+
+    # A damaged session is named on stderr, not silently hidden.
+    (tmp_path / "sessions" / "t.json").write_text("{ not json")
+    listing = kvchat("sessions", "list", "--json", home=tmp_path)
+    assert [x["name"] for x in json.loads(listing.stdout)] == ["s"]
+    assert "t" in listing.stderr and "skipped" in listing.stderr

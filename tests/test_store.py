@@ -43,6 +43,8 @@ CONFIGS = {
     "rotating": CacheConfig(kind="rotating", window=32, sinks=4),
     "rotating-q4": CacheConfig(kind="rotating", window=32, sinks=4, k_bits=4, v_bits=4),
     "rotating-q8-float-head": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=8, v_bits=8, keep_fp=4),
+    "rotated-q4": CacheConfig(k_bits=4, v_bits=4, rotate=True),
+    "rotating-rotated-q3": CacheConfig(kind="rotating", window=32, sinks=4, k_bits=3, v_bits=3, rotate=True),
 }
 
 
