@@ -44,7 +44,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-keep-fp", type=int, help="leading tokens kept unquantized")
     g.add_argument("--kv-rotate", action="store_true", default=None, help="Hadamard-rotate K/V before quantizing")
     g.add_argument("--kv-budget", help="KV memory budget such as 2GB (default: what the device can spare)")
-    g.add_argument("--on-budget", choices=["rotate", "refuse"], default="rotate",
+    g.add_argument("--on-budget", choices=["rotate", "refuse"], default=None,
                    help="when a chat would exceed the budget: switch to a rotating window, or refuse")
 
 

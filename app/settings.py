@@ -44,6 +44,14 @@ class Settings:
     cache: CacheConfig = field(default_factory=CacheConfig)  # layout for new chats
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     theme: str = DEFAULT_THEME
+    kv_budget: str | None = None  # such as "2GB"; None: what the device can spare
+    on_budget: str = "rotate"  # over the budget: "rotate" to a window that fits, or "refuse"
+
+    def kv_budget_bytes(self) -> int | None:
+        """The budget in bytes, or None for the device default."""
+        from mlx_cache.memory import parse_size
+
+        return parse_size(self.kv_budget) if self.kv_budget else None
 
     def with_(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
@@ -55,6 +63,8 @@ class Settings:
             "cache": self.cache.to_dict(),
             "sampling": self.sampling.to_dict(),
             "theme": self.theme,
+            "kv_budget": self.kv_budget,
+            "on_budget": self.on_budget,
         }
 
     @classmethod
@@ -68,12 +78,23 @@ class Settings:
         theme = data.get("theme", DEFAULT_THEME)
         if not isinstance(theme, str):
             raise ValueError("'theme' must be a string")
+        kv_budget = data.get("kv_budget") or None
+        if kv_budget is not None:
+            from mlx_cache.memory import parse_size
+
+            if not isinstance(kv_budget, str):
+                raise ValueError("'kv_budget' must be a size such as \"2GB\"")
+            parse_size(kv_budget)  # raises ValueError naming the bad size
+        on_budget = data.get("on_budget", "rotate")
+        if on_budget not in ("rotate", "refuse"):
+            raise ValueError("'on_budget' must be \"rotate\" or \"refuse\"")
         try:
             cache = CacheConfig.from_dict(data.get("cache") or {})
             sampling = SamplingConfig.from_dict(data.get("sampling") or {})
         except (CacheConfigError, TypeError, ValueError) as e:
             raise ValueError(str(e).rstrip(".")) from None
-        return cls(model=model or None, cache=cache, sampling=sampling, theme=theme)
+        return cls(model=model or None, cache=cache, sampling=sampling, theme=theme, kv_budget=kv_budget,
+                   on_budget=on_budget)
 
     @classmethod
     def load(cls, path: Path | None = None) -> tuple["Settings", str | None]:

@@ -174,7 +174,9 @@ class Chat:
             self.last_started = True
             if isinstance(event, Finished):
                 self.last = event
-                self.messages.append({"role": "assistant", "content": event.text})
+                # The stats and finish reason ride along so a reopened chat can show them.
+                self.messages.append({"role": "assistant", "content": event.text,
+                                      "stats": event.stats.to_dict(), "finish_reason": event.reason})
             yield event
         self.save()
 

@@ -95,6 +95,13 @@ class ChatState:
     # (position, per-layer checkpoints) at the end of the last prompt, for rotating caches
     checkpoint: tuple[int, list[Checkpoint]] | None = None
 
+    def dtype(self) -> str | None:
+        """The float type keys and values are computed in ('float16', ...), once known."""
+        for c in self.caches:
+            if getattr(c, "dtype", None) is not None:
+                return str(c.dtype).rsplit(".", 1)[-1]
+        return None
+
     def checkpoint_bytes(self) -> int:
         """Bytes held by the checkpoint copy (0 when there is none)."""
         if self.checkpoint is None:
@@ -112,6 +119,7 @@ class ChatState:
             "window": c.window if c.kind == "rotating" else None,
             "sinks": c.sinks if c.kind == "rotating" else None,
             "rotated": c.rotate,
+            "dtype": self.dtype(),
             "tokens": u.tokens,
             "bytes_used": u.bytes_used,
             "bytes_allocated": u.bytes_allocated,

@@ -23,9 +23,9 @@ def render(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: b
     kwargs: dict[str, Any] = {}
     if not getattr(hf, "chat_template", None):
         kwargs["chat_template"] = FALLBACK_TEMPLATE
-    return hf.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
-    )
+    # Only role and content reach the template: saved answers also carry their stats.
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return hf.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> list[int]:

@@ -70,7 +70,7 @@ def make_app(
     sampling: SamplingConfig | None = None,
     session: str | None = None,
     kv_budget: int | None = None,
-    on_budget: str = "rotate",
+    on_budget: str | None = None,
     *,
     store: "SessionStore | None" = None,
     probe: "MemoryProbe | None" = None,
@@ -120,7 +120,7 @@ def run_tui(
     sampling: SamplingConfig | None = None,
     session: str | None = None,
     kv_budget: int | None = None,
-    on_budget: str = "rotate",
+    on_budget: str | None = None,
 ) -> int:
     """Run the chat app until the user quits; returns the exit code."""
     _prepare_terminal_run(model)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from textual import events, work
 from textual.app import App
+from textual.binding import Binding
 
 from mlx_cache.config import CacheConfig
 from models.sample import SamplingConfig
@@ -31,13 +32,15 @@ class LaunchOptions:
     sampling: SamplingConfig | None = None
     session: str | None = None
     kv_budget: int | None = None
-    on_budget: str = "rotate"
+    on_budget: str | None = None  # None: the settings' choice
 
 
 class KvchatApp(App[int]):
     """Holds what every screen shares; the chat screen does the rest."""
 
     CSS_PATH = str(Path(__file__).parent.parent / "kvchat.tcss")
+    # Textual's own ctrl+q binding is hidden; show it (chats are saved after every answer).
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="Quit (every chat is already saved)")]
     TITLE = "kvchat"
     COMMANDS = App.COMMANDS | {ChatCommands}
     ENABLE_COMMAND_PALETTE = True
@@ -67,6 +70,7 @@ class KvchatApp(App[int]):
     def on_mount(self) -> None:
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         self.push_screen(self.chat_screen)
         if self._settings_problem:
             self.notify(self._settings_problem, title="Settings", severity="warning", timeout=12)
@@ -74,6 +78,14 @@ class KvchatApp(App[int]):
             reason = f" ({self._store_problem})" if self._store_problem else ""
             self.notify(f"Sessions are unavailable{reason}: chats are not saved in this run.",
                         title="Sessions", severity="warning")
+
+    def _theme_changed(self, theme: Any) -> None:
+        # A theme picked from the command palette is a choice to keep; the
+        # settings screen's live preview is not (it saves on its own).
+        from .screens.settings import SettingsScreen
+
+        if theme.name != self.settings.theme and not isinstance(self.screen, SettingsScreen):
+            self.apply_settings(self.settings.with_(theme=theme.name))
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         # A blinking cursor makes two screenshots of the same state differ.

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -60,6 +60,9 @@ Chats save themselves after each answer, KV cache included:
 reopen one and the next answer starts without re-reading it."""
 
 
+NARROW = 100  # terminal columns below which the memory sidebar starts hidden
+
+
 class ChatScreen(SessionActions, Screen[None]):
     """One conversation with one model, and the controls around it."""
 
@@ -90,6 +93,7 @@ class ChatScreen(SessionActions, Screen[None]):
         self._turn: tuple[str, str] | None = None  # (kind, text) of the running turn
         self._chunks = 0
         self.turns_done = 0  # finished or failed turns since start (tests wait on it)
+        self._meter_chosen = False  # Ctrl+B pressed: keep the sidebar as the user set it
 
     @property
     def kv_app(self) -> "KvchatApp":
@@ -184,6 +188,8 @@ class ChatScreen(SessionActions, Screen[None]):
             "sessions": self.kv_app.store is not None and not self.busy,
             "pick_model": not self.busy,
         }
+        if action == "stop":
+            return True if self.busy else False  # shown only while there is something to stop
         allowed = rules.get(action, True)
         return True if allowed else None
 
@@ -222,14 +228,14 @@ class ChatScreen(SessionActions, Screen[None]):
         from mlx_cache.memory import default_kv_budget
         from models.engine import Engine
 
-        launch = self.kv_app.launch
+        launch, settings = self.kv_app.launch, self.kv_app.settings
         loaded = message.loaded
-        budget = launch.kv_budget
+        budget = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
         if budget is None:
             # free RAM differs every run; snapshot tests need a fixed number
             budget = 4 << 30 if self.kv_app.snapshot else default_kv_budget(loaded.weights_bytes)
         self.loaded = loaded
-        self.engine = Engine(loaded, kv_budget=budget, on_budget=launch.on_budget)
+        self.engine = Engine(loaded, kv_budget=budget, on_budget=launch.on_budget or settings.on_budget)
         self._status(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", busy=True)
         session, launch.session = launch.session, None  # --session applies to the first model only
         self.open_chat(session, create=True)
@@ -238,7 +244,10 @@ class ChatScreen(SessionActions, Screen[None]):
     def _model_failed(self, message: ModelLoadFailed) -> None:
         self.loading = False
         self.refresh_bindings()
-        self._status("No model loaded: Ctrl+L picks one", busy=False)
+        if self.loaded is not None:  # the model in use stays loaded and answers
+            self._status(f"Kept {self.loaded.name}: the other model did not load", busy=False)
+        else:
+            self._status("No model loaded: Ctrl+L picks one", busy=False)
         self.notify(message.error, title="Could not load the model", severity="error", timeout=12)
         if self.chat is None:
             self._show_welcome("No model is loaded.\n\n" + message.error + "\n\nPress Ctrl+L to pick a model.")
@@ -490,7 +499,7 @@ class ChatScreen(SessionActions, Screen[None]):
 
         self.app.push_screen(
             TextDialog("System prompt", current, multiline=True, allow_empty=True,
-                       hint="Ctrl+S saves · empty clears it · cached tokens before it stay reused"),
+                       hint="Ctrl+S saves · empty clears it · the next answer re-reads the chat (it all follows the system prompt)"),
             done,
         )
 
@@ -510,6 +519,16 @@ class ChatScreen(SessionActions, Screen[None]):
                 notes.append("The KV cache layout applies to new chats (Ctrl+N).")
             if settings.model != previous.model:
                 notes.append("The default model loads at the next start (Ctrl+L loads one now).")
+            if (settings.kv_budget, settings.on_budget) != (previous.kv_budget, previous.on_budget) and self.engine:
+                from mlx_cache.memory import default_kv_budget
+
+                launch = app.launch
+                budget = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
+                if budget is None and self.loaded is not None:
+                    budget = default_kv_budget(self.loaded.weights_bytes)
+                self.engine.kv_budget = budget  # read at the start of each turn
+                self.engine.on_budget = launch.on_budget or settings.on_budget
+                self._update_info()
             self.notify(" ".join(notes), title="Settings")
 
         self.app.push_screen(SettingsScreen(app.settings, list(app.available_themes)), done)
@@ -517,6 +536,13 @@ class ChatScreen(SessionActions, Screen[None]):
     def action_toggle_meter(self) -> None:
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
+        self._meter_chosen = True  # the user decided: stop following the terminal's width
+
+    def on_resize(self, event: events.Resize) -> None:
+        # On a narrow terminal the chat needs the columns more than the meter
+        # does (Ctrl+B still shows it); from NARROW columns up both fit.
+        if not self._meter_chosen:
+            self.query_one("#sidebar").display = event.size.width >= NARROW
 
     # -- shutdown -----------------------------------------------------------------
     def stop_for_exit(self) -> None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -61,6 +62,10 @@ def check_session_name(name: str) -> str | None:
     return None
 
 
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 class SessionBrowser(ModalScreen["SessionAction | None"]):
     """Lists sessions: title, model, tokens, size on disk and last update."""
 
@@ -91,13 +96,14 @@ class SessionBrowser(ModalScreen["SessionAction | None"]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
+        # Most telling first: on a narrow terminal the table scrolls sideways.
         table.add_column("Title", key="title")
-        table.add_column("Name", key="name")
         table.add_column("Model", key="model")
-        table.add_column("Cache", key="cache")
         table.add_column("Tokens", key="tokens")
         table.add_column("Size", key="size")
         table.add_column("Updated", key="updated")
+        table.add_column("Cache", key="cache")
+        table.add_column("Name", key="name")
         self.query_one("#filter", Input).focus()
         self.reload()
 
@@ -132,13 +138,13 @@ class SessionBrowser(ModalScreen["SessionAction | None"]):
                 continue
             marker = "● " if m.name == self.current else ""
             table.add_row(
-                marker + (m.title or m.name),
-                m.name,
-                m.model_name,
-                m.cache_config.label(),
-                f"{m.tokens:,}",
-                format_bytes(m.bytes_on_disk),
+                _clip(marker + (m.title or m.name), 34),
+                _clip(m.model_name, 24),
+                Text(f"{m.tokens:,}", justify="right"),
+                Text(format_bytes(m.bytes_on_disk), justify="right"),
                 self._when(m.updated),
+                m.cache_config.label(),
+                m.name,
                 key=m.name,
             )
             shown += 1

@@ -17,7 +17,7 @@ from models.sample import SamplingConfig
 
 from ...settings import Settings
 
-_FP = "fp16"  # the Select value meaning "not quantized"
+_FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 
 
 def _input(value: str, **kwargs: Any) -> Input:
@@ -25,7 +25,7 @@ def _input(value: str, **kwargs: Any) -> Input:
 
 
 def _select(options: list[tuple[str, str]], **kwargs: Any) -> Select[str]:
-    return Select(options, compact=True, **kwargs)
+    return Select(options, compact=True, allow_blank=False, **kwargs)
 
 
 def _row(label: str, widget: Widget, hint: str = "") -> Horizontal:
@@ -54,7 +54,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
     def compose(self) -> ComposeResult:
         s = self.settings
         c, p = s.cache, s.sampling
-        bits = [(_FP, _FP)] + [(f"{b}-bit", str(b)) for b in SUPPORTED_BITS]
+        bits = [("float (not quantized)", _FP)] + [(f"{b}-bit", str(b)) for b in SUPPORTED_BITS]
         with Vertical(classes="dialog -settings"):
             yield Label("Settings", classes="dialog-title")
             with VerticalScroll(id="settings-form"):
@@ -71,6 +71,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Group size", _select([(str(g), str(g)) for g in SUPPORTED_GROUP_SIZES], value=str(c.group_size),
                                                 id="group_size"), "quantization group")
                 yield _row("Hadamard rotate", Checkbox("rotate", c.rotate, id="rotate", compact=True), "quantized only: keeps low bits accurate")
+                yield _row("KV budget", _input(s.kv_budget or "", placeholder="what the device can spare",
+                                               id="kv_budget"), "such as 2GB")
+                yield _row("Over budget", _select([("switch to a window", "rotate"), ("refuse the turn", "refuse")],
+                                                  value=s.on_budget, id="on_budget"))
                 yield Label("Sampling", classes="form-section")
                 yield _row("Temperature", _input(str(p.temperature), type="number", id="temperature"), "0 = greedy")
                 yield _row("Top-p", _input(str(p.top_p), type="number", id="top_p"), "1 = off")
@@ -134,7 +138,13 @@ class SettingsScreen(ModalScreen[Settings | None]):
         )
         assert isinstance(sampling, SamplingConfig)
         model = str(self._value("model")).strip() or None
-        return self.settings.with_(model=model, cache=cache, sampling=sampling, theme=self._value("theme"))
+        budget = str(self._value("kv_budget")).strip() or None
+        if budget is not None:
+            from mlx_cache.memory import parse_size
+
+            parse_size(budget)  # ValueError: "'lots' is not a size: write it like 2GB ..."
+        return self.settings.with_(model=model, cache=cache, sampling=sampling, theme=self._value("theme"),
+                                   kv_budget=budget, on_budget=self._value("on_budget"))
 
     @on(Select.Changed, "#theme")
     def _preview_theme(self, event: Select.Changed) -> None:

@@ -8,9 +8,16 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
+from markdown_it import MarkdownIt
 from textual.widgets.markdown import MarkdownStream
 
 from models.engine import Finished, Stats
+
+
+def _parser() -> MarkdownIt:
+    # A model's single newlines are line breaks (poems, lists without markers,
+    # addresses), not the soft wraps of hand-written Markdown.
+    return MarkdownIt("gfm-like", {"breaks": True})
 
 
 def format_stats(stats: Stats, reason: str) -> str:
@@ -34,6 +41,17 @@ def format_stats(stats: Stats, reason: str) -> str:
     if stats.restored_checkpoint:
         parts.append("restored a checkpoint")
     return " · ".join(parts)
+
+
+def saved_stats_line(message: dict) -> str:
+    """The stats line of a saved answer (kept with the message since it was answered)."""
+    saved = message.get("stats")
+    if not isinstance(saved, dict):
+        return ""
+    try:
+        return format_stats(Stats(**saved), str(message.get("finish_reason", "")))
+    except TypeError:  # written by another version: show the answer without it
+        return ""
 
 
 class UserMessage(Vertical):
@@ -88,7 +106,7 @@ class AssistantMessage(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label(self._label, classes="role")
-        yield Markdown(self.text)
+        yield Markdown(self.text, parser_factory=_parser)
         yield Static(self._stats, markup=False, classes="stats")
 
     @property
@@ -150,7 +168,7 @@ class Conversation(VerticalScroll):
         elif not overflows and self.is_anchored:
             self.anchor(False)
 
-    async def show_history(self, messages: Iterable[dict[str, str]], label: str) -> None:
+    async def show_history(self, messages: Iterable[dict], label: str) -> None:
         """Replace the column with a saved conversation."""
         await self.remove_children()
         widgets = []
@@ -161,7 +179,7 @@ class Conversation(VerticalScroll):
             elif role == "user":
                 widgets.append(UserMessage(content))
             else:
-                widgets.append(AssistantMessage(content, label=label))
+                widgets.append(AssistantMessage(content, label=label, stats=saved_stats_line(m)))
         if widgets:
             await self.mount_all(widgets)
         self.scroll_end(animate=False)

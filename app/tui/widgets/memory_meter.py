@@ -37,14 +37,17 @@ class MeterState:
     busy: bool  # an answer is streaming: refresh at full rate
 
 
+_SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
 def kv_label(kv: dict[str, Any]) -> str:
-    """'full · fp16', 'rotating 4096+4 · q4 g64', ..."""
+    """'full · fp16', 'rotating 4096+4 · q4 g64', ... (the float type once the cache holds a token)."""
     kind = kv.get("kind", "full")
     if kind == "rotating":
         kind = f"rotating {kv.get('window')}+{kv.get('sinks')}"
     bits = kv.get("bits")
     if bits is None:
-        q = "fp16"
+        q = _SHORT_DTYPES.get(kv.get("dtype") or "", "float")
     elif isinstance(bits, list):
         q = "/".join(f"q{b}" if b else "fp" for b in bits) + f" g{kv.get('group_size')}"
     else:
