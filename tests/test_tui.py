@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pytest
 from textual.message import Message
 from textual.pilot import Pilot
+from textual.widgets import Static
 
 from app.settings import Settings, settings_path
 from app.tui import make_app
@@ -292,6 +293,8 @@ async def test_reopen_in_a_new_app_restores_history_without_prefill(home, tiny):
         assert screen.chat is not None and screen.chat.name == name
         assert len(screen.chat.state.tokens) == saved_tokens
         assert len(screen.query(UserMessage)) == 1 and len(screen.query(AssistantMessage)) == 1
+        saved_line = str(screen.query_one(AssistantMessage).query_one(".stats", Static).render())
+        assert "TTFT" in saved_line and "token limit" in saved_line  # the answer's stats survive a restart
         assert "Restored" in status(again)
         await send(pilot, "And then?")
         stats = rec.of(AnswerDone)[-1].finished.stats
@@ -350,16 +353,18 @@ async def test_fork_rename_and_delete_the_open_chat(home, tiny):
         await until(pilot, lambda: isinstance(app.screen, TextDialog))
         from textual.widgets import Input
 
-        app.screen.query_one(Input).value = "renamed"
+        assert store.read(fork).meta.title.endswith("(fork)")  # told apart from the original in the browser
+        app.screen.query_one(Input).value = "Trip to Lisbon!"  # a title in words; the name follows it
         await pilot.press("enter")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name == "renamed" and not screen.loading)
-        assert store.exists("renamed") and not store.exists(fork)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == "Trip-to-Lisbon" and not screen.loading)
+        assert store.exists("Trip-to-Lisbon") and not store.exists(fork)
+        assert store.read("Trip-to-Lisbon").meta.title == "Trip to Lisbon!" and screen.chat.title == "Trip to Lisbon!"
 
         await pilot.press("f8")
         await until(pilot, lambda: isinstance(app.screen, ConfirmDialog))
         await pilot.press("y")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name != "renamed" and not screen.loading)
-        assert not store.exists("renamed") and store.exists(original)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != "Trip-to-Lisbon" and not screen.loading)
+        assert not store.exists("Trip-to-Lisbon") and store.exists(original)
         assert not screen.query(UserMessage)
 
 
@@ -599,3 +604,11 @@ def test_snapshot_settings(home, tiny, snap_compare):
 
     assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
 
+
+
+def test_answers_keep_single_line_breaks():
+    from app.tui.widgets.conversation import _parser
+
+    tokens = _parser().parse("Roses are red,\nviolets are blue.")
+    inline = next(t for t in tokens if t.type == "inline")
+    assert [c.type for c in inline.children] == ["text", "hardbreak", "text"]

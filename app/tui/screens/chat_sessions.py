@@ -16,7 +16,7 @@ from textual import work
 from ..messages import ChatFailed, ChatReady
 from ..turns import describe_error
 from .dialogs import ConfirmDialog, TextDialog
-from .sessions import SessionAction, SessionBrowser, check_session_name
+from .sessions import SessionAction, SessionBrowser, check_session_name, name_for
 
 if TYPE_CHECKING:
     from models.chat import Chat
@@ -86,16 +86,24 @@ class SessionActions:
         if not self.check_action("rename", ()) or chat is None or not chat.name:
             return
 
-        def done(new: str | None) -> None:
-            if new and new != chat.name:
-                self._rename_current(new)
+        def problem(text: str) -> str | None:
+            name = name_for(text)
+            if not name:
+                return "Type a title with at least one letter or digit."
+            return None if name == chat.name else self._name_problem(name)
 
-        self.kv_app.push_screen(TextDialog("Rename this chat", chat.name, validate=self._name_problem,
-                                        accept="Rename"), done)
+        def done(title: str | None) -> None:
+            title = (title or "").strip()
+            if title and (title != chat.title or name_for(title) != chat.name):
+                self._rename_current(name_for(title), title)
+
+        # A title in words; the session's name (for `kvchat --session`) follows it.
+        self.kv_app.push_screen(TextDialog("Rename this chat", chat.title or chat.name, validate=problem,
+                                           accept="Rename"), done)
 
     @work(thread=True, exclusive=True, group="chat")
-    def _rename_current(self, new: str) -> None:
-        """Release the lock, rename on disk, and reopen under the new name."""
+    def _rename_current(self, new: str, title: str | None = None) -> None:
+        """Release the lock, rename on disk, and reopen under the new name (and title)."""
         from models.chat import Chat
 
         chat, store, engine = self.chat, self.kv_app.store, self.engine
@@ -109,12 +117,18 @@ class SessionActions:
             # and reopen under the new name (the KV comes back from disk).
             chat.close()
             if saved:
-                store.rename(old, new)
-                return Chat.open(engine, store, new, create=False)
+                if new != old:
+                    store.rename(old, new)
+                reopened = Chat.open(engine, store, new, create=False)
+                if title and title != reopened.title:
+                    reopened.title = title
+                    reopened.save()  # the index only: every KV block is on disk already
+                return reopened
             # nothing on disk yet: the same empty chat under the new name
             fresh = Chat.open(engine, store, new, cache_config=chat.state.config, sampling=chat.sampling)
             if system:
                 fresh.set_system(system)
+            fresh.title = title or ""
             return fresh
 
         try:
@@ -123,7 +137,8 @@ class SessionActions:
             self.post_message(ChatFailed(old, describe_error(e)))
             self.kv_app.call_from_thread(self.open_chat, old, True)  # back to the old chat, unlocked above
             return
-        self.kv_app.call_from_thread(self.notify, f"Renamed {old} to {new}.", title="Session")
+        shown = f"{title!r} (session {new})" if title and title != new else new
+        self.kv_app.call_from_thread(self.notify, f"Renamed {old} to {shown}.", title="Session")
         self.post_message(ChatReady(renamed, restored=False))
 
     def action_fork(self) -> None:
@@ -156,7 +171,11 @@ class SessionActions:
 
         def job() -> "Chat":
             store.fork(src, new)
-            return Chat.open(engine, store, new, create=False)
+            forked = Chat.open(engine, store, new, create=False)
+            # Two chats with one title could not be told apart in the browser.
+            forked.title = f"{forked.title or src} (fork)"
+            forked.save()  # the index only: the fork shares every KV block
+            return forked
 
         try:
             forked = self.kv_app.mlx.call(job)

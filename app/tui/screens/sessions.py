@@ -62,6 +62,14 @@ def check_session_name(name: str) -> str | None:
     return None
 
 
+def name_for(title: str) -> str:
+    """A session name for a free-text title: 'Trip to Lisbon!' -> 'Trip-to-Lisbon'."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", title.strip()).strip("-.")
+    return slug[:64].rstrip("-.")
+
+
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 

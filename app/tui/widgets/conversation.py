@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from textual import events
 from textual.app import ComposeResult
@@ -14,10 +14,19 @@ from textual.widgets.markdown import MarkdownStream
 from models.engine import Finished, Stats
 
 
+def _hard_breaks(state: Any) -> None:
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+
+
 def _parser() -> MarkdownIt:
     # A model's single newlines are line breaks (poems, lists without markers,
     # addresses), not the soft wraps of hand-written Markdown.
-    return MarkdownIt("gfm-like", {"breaks": True})
+    md = MarkdownIt("gfm-like", {"breaks": True})
+    md.core.ruler.push("hard_breaks", _hard_breaks)
+    return md
 
 
 def format_stats(stats: Stats, reason: str) -> str:
