@@ -136,14 +136,24 @@ def recommended_working_set() -> int | None:
 
 def default_kv_budget(weights_bytes: int, margin: float = 0.10) -> int:
     """What the device can spare for KV: working set (Mac) or free RAM, less weights and a margin."""
-    ws = recommended_working_set()
-    if ws is not None:
-        spare = ws - weights_bytes
-        margin_bytes = int(ws * margin)
+    return spare_kv_bytes(weights_bytes, recommended_working_set(), available_system_memory(),
+                          total_system_memory(), margin)
+
+
+def spare_kv_bytes(weights_bytes: int, working_set: int | None, available: int, total: int,
+                   margin: float = 0.10) -> int:
+    """The KV budget from the device's numbers (pure, so every branch is testable anywhere).
+
+    With a GPU working set (Apple Silicon): the working set less the weights
+    and `margin` of it. Otherwise: free RAM less `margin` of all RAM (the
+    weights are already resident when this is asked, so free RAM excludes them).
+    """
+    if working_set is not None:
+        spare = working_set - weights_bytes
+        margin_bytes = int(working_set * margin)
     else:
-        # weights are already resident when this is asked, so free RAM excludes them
-        spare = available_system_memory()
-        margin_bytes = int(total_system_memory() * margin)
+        spare = available
+        margin_bytes = int(total * margin)
     return max(0, spare - margin_bytes)
 
 

@@ -8,7 +8,7 @@ from mlx_lm.models import cache as mlc
 
 from mlx_cache import CacheConfig, CacheConfigError, FullKVCache, RotatingKVCache, make_caches, measure, predict
 from mlx_cache import quantize as qmod
-from mlx_cache.memory import KVShape, max_tokens, parse_size
+from mlx_cache.memory import KVShape, max_tokens, parse_size, total_system_memory
 
 PROMPT_LEN = 150
 CHUNK = 32
@@ -276,6 +276,18 @@ def test_quantized_bytes_ratios():
     full = predict(shape, CacheConfig(), 4096)[0]
     assert predict(shape, CacheConfig(k_bits=8, v_bits=8), 4096)[0] / full <= 0.55
     assert predict(shape, CacheConfig(k_bits=4, v_bits=4), 4096)[0] / full <= 0.30
+
+
+def test_default_budget_uses_the_working_set_on_apple_silicon_and_free_ram_elsewhere():
+    from mlx_cache.memory import default_kv_budget, recommended_working_set, spare_kv_bytes
+
+    gib = 1 << 30
+    # A 16 GB Mac recommends ~10.7 GB of working set; 4 GB of weights, 10% margin.
+    assert spare_kv_bytes(4 * gib, int(10.7 * gib), 3 * gib, 16 * gib) == int(10.7 * gib) - 4 * gib - int(1.07 * gib)
+    assert spare_kv_bytes(20 * gib, 10 * gib, 0, 0) == 0  # never negative
+    assert spare_kv_bytes(4 * gib, None, 12 * gib, 24 * gib) == 12 * gib - int(2.4 * gib)
+    if recommended_working_set() is None:  # this machine (no Metal): the free-RAM branch
+        assert 0 < default_kv_budget(0) < total_system_memory()
 
 
 def test_budget_helpers():

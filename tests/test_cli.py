@@ -129,3 +129,12 @@ def test_session_commands_export_fork_and_keep_settings(tiny_model_dirs, tmp_pat
     listing = kvchat("sessions", "list", "--json", home=tmp_path)
     assert [x["name"] for x in json.loads(listing.stdout)] == ["s"]
     assert "t" in listing.stderr and "skipped" in listing.stderr
+
+
+def test_repo_id_without_network_or_cache_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    r = kvchat("ask", "hi", "-m", "acme/no-such-model", home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "acme/no-such-model" in last and "no cached copy" in last
