@@ -171,11 +171,11 @@ def write_readme(names: list[str]) -> None:
         if not path.exists():
             continue
         block = render(name, json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{name} -->).*?(<!-- /results:{name} -->)", re.S)
         if not pattern.search(text):
             print(f"README has no results:{name} markers; skipped", file=sys.stderr)
             continue
-        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+        text = pattern.sub(lambda m: f"{m.group(1)}\n{block}\n{m.group(2)}", text)
     README.write_text(text)
 
 
