@@ -106,14 +106,16 @@ def table_sessions(r: dict[str, Any]) -> str:
 
 
 def table_rotation_speed(r: dict[str, Any]) -> str:
-    lines = [f"Decode at {r['context']} tokens of context (full cache: {r['full_tok_s']:.1f} tok/s):", "",
-             "| bits | plain tok/s | rotated tok/s | rotated / plain | cost | goal (< 10%) |",
-             "|---:|---:|---:|---:|---:|---|"]
+    lines = ["| context | bits | plain tok/s | rotated tok/s | rotated / plain | cost | goal (< 10%) |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
     for p in r["results"]:
         lines.append(
-            f"| {p['bits']} | {p['plain_tok_s']:.1f} | {p['rotated_tok_s']:.1f} | {p['ratio']:.3f} | "
-            f"{p['rotation_cost_pct']:.1f}% | {'met' if p['goal_met'] else 'missed'} |"
+            f"| {p['context']:,} | {p['bits']} | {p['plain_tok_s']:.1f} | {p['rotated_tok_s']:.1f} | "
+            f"{p['ratio']:.3f} | {p['rotation_cost_pct']:.1f}% | {'met' if p['goal_met'] else 'missed'} |"
         )
+    paths = sorted({(p["plain_attention"], p["rotated_attention"]) for p in r["results"]})
+    lines += ["", "Attention path (plain, rotated): " + "; ".join(f"{a}, {b}" for a, b in paths)
+              + f". Full cache for reference: {r['full_tok_s']} tok/s by context."]
     return "\n".join(lines)
 
 
