@@ -48,6 +48,9 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
     "q3": CacheConfig(k_bits=3, v_bits=3, group_size=64),
     "rotated q4": CacheConfig(k_bits=4, v_bits=4, group_size=64, rotate=True),
     "rotated q3": CacheConfig(k_bits=3, v_bits=3, group_size=64, rotate=True),
+    # Keys carry most of the loss on small models: 8-bit keys with 4-bit values
+    # is the layout to pick when rotated q4 costs too much.
+    "rotated k8/v4": CacheConfig(k_bits=8, v_bits=4, group_size=64, rotate=True),
 }
 
 #: Rotated q4 may cost at most this much perplexity over the full cache, in percent.
