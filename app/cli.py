@@ -294,7 +294,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for label, n in fits.items():
         if label in windows:
             w = windows[label]
-            shown = f"unbounded, window {w:,} + 4 sinks" if w >= 1 else "none: no window fits this budget"
+            sinks = kinds[label].sinks
+            shown = f"unbounded, window {w:,} + {sinks} sinks" if w >= 1 else "none: no window fits this budget"
         else:
             shown = f"{n:,} tokens"
         print(f"{label:>16}  {shown}")

@@ -86,6 +86,11 @@ def test_info_json(tiny_model_dirs, tmp_path):
     assert info["head_dim"] == 64 and info["kv_bytes_per_token"] == 2 * 2 * 2 * 64 * 4
     fits = info["max_context_in_budget"]
     assert fits["full"] == 512 and fits["q4"] > fits["q8"] > fits["full"]
+    # A window never runs out of context; the budget bounds the window and its
+    # checkpoint copy: (1 MiB / 2) / 2,048 bytes per token - 4 sinks = 252.
+    assert fits["rotating"] == "unbounded"
+    assert info["max_window_in_budget"]["rotating"] == 252
+    assert info["max_window_in_budget"]["rotating-q4"] > 252
 
 
 def test_bench_quality_runs_from_the_command_line(tiny_model_dirs, tmp_path):
