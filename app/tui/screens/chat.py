@@ -63,6 +63,16 @@ reopen one and the next answer starts without re-reading it."""
 NARROW = 100  # terminal columns below which the memory sidebar starts hidden
 
 
+def _release_memory() -> None:
+    """Collect unreachable models and return MLX's cached buffers (on the MLX thread)."""
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
 class ChatScreen(SessionActions, Screen[None]):
     """One conversation with one model, and the controls around it."""
 
@@ -300,6 +310,11 @@ class ChatScreen(SessionActions, Screen[None]):
         old, self.chat = self.chat, message.chat
         if old is not None and old is not message.chat:
             self.kv_app.mlx.submit(old.close)  # after any queued MLX work on it, e.g. its last save
+            if old.engine is not message.chat.engine:
+                # Another model took over: give the old weights back now, not at
+                # some later garbage collection (model modules hold cycles).
+                del old
+                self.kv_app.mlx.submit(_release_memory)
         chat = message.chat
         conv = self.query_one(Conversation)
         label = self.loaded.name if self.loaded else "Assistant"
