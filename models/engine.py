@@ -210,9 +210,12 @@ class Engine:
 
     @staticmethod
     def _may_wrap(state: ChatState, max_tokens: int) -> bool:
-        """Whether a rotating layer has evicted, or may evict during the answer, a token."""
+        """Whether a rotating layer has evicted, or may evict during the answer, a token.
+
+        Called after the prefill: the prompt's last token and the answer are still to come.
+        """
         return any(
-            hasattr(c, "capacity") and c.offset + max_tokens > c.capacity for c in state.caches
+            hasattr(c, "capacity") and c.offset + 1 + max_tokens > c.capacity for c in state.caches
         )
 
     def _fit_context(self, state: ChatState, n: int, sampling: SamplingConfig) -> SamplingConfig:
