@@ -65,11 +65,15 @@ class ChatFailed(WorkerReport, bubble=False):
 
 
 class AnswerChunk(WorkerReport, bubble=False):
-    """Coalesced answer text: everything decoded since the previous chunk."""
+    """Coalesced answer text: everything decoded since the previous chunk.
 
-    def __init__(self, text: str) -> None:
+    `pieces` is how many text deltas (about one per token) it joins.
+    """
+
+    def __init__(self, text: str, pieces: int = 1) -> None:
         super().__init__()
         self.text = text
+        self.pieces = pieces
 
 
 class AnswerDone(WorkerReport, bubble=False):

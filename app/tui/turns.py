@@ -106,7 +106,7 @@ def relay_turn(
                 pending.append(item.text)
                 continue
             if pending:
-                post(AnswerChunk("".join(pending)))
+                post(AnswerChunk("".join(pending), len(pending)))
                 pending.clear()
             if isinstance(item, tuple):
                 finished = True
@@ -121,5 +121,5 @@ def relay_turn(
                     post(TurnSaved(None))
                 done = True
         if pending:
-            post(AnswerChunk("".join(pending)))
+            post(AnswerChunk("".join(pending), len(pending)))
             pending.clear()

@@ -9,6 +9,7 @@ only post the typed messages of ``messages``; the handlers here change widgets.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,9 @@ class ChatScreen(SessionActions, Screen[None]):
         self._chunks = 0
         self.turns_done = 0  # finished or failed turns since start (tests wait on it)
         self._meter_chosen = False  # Ctrl+B pressed: keep the sidebar as the user set it
+        self._pieces = 0  # text deltas (about one per token) of the running answer
+        self._first_chunk = (0.0, 0)  # (time, deltas) of its first chunk
+        self._shown_rate = 0.0  # when the status line last showed its speed
 
     @property
     def kv_app(self) -> "KvchatApp":
@@ -384,6 +388,7 @@ class ChatScreen(SessionActions, Screen[None]):
         self._answer = answer
         self._turn = (kind, text)
         self._chunks = 0
+        self._pieces = 0
         cancel = threading.Event()
         self._cancel = cancel
         self._set_busy(True)
@@ -405,9 +410,19 @@ class ChatScreen(SessionActions, Screen[None]):
     async def _chunk(self, message: AnswerChunk) -> None:
         if self._answer is None:
             return
-        if self._chunks == 0 and self._cancel is not None and not self._cancel.is_set():
-            self._status("Answering… (Esc stops)", busy=True)
+        now = time.monotonic()
+        if self._chunks == 0:
+            self._first_chunk = (now, message.pieces)
+            self._shown_rate = now
+            if self._cancel is not None and not self._cancel.is_set():
+                self._status("Answering… (Esc stops)", busy=True)
         self._chunks += 1
+        self._pieces += message.pieces
+        t0, first = self._first_chunk
+        # A live speed, twice a second: the final one comes with the answer's stats.
+        if now - self._shown_rate >= 0.5 and now > t0 and self._cancel is not None and not self._cancel.is_set():
+            self._shown_rate = now
+            self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
         await self._answer.write(message.text)
 
     @on(AnswerDone)
