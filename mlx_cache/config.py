@@ -51,7 +51,7 @@ class CacheConfig:
             )
         if self.kind == "rotating":
             if self.window < 1:
-                raise CacheConfigError("The rotating window must hold at least 1 token.")
+                raise CacheConfigError("The rotating window must hold at least 1 token: pass --window 1 or more (4096 is the default).")
             if self.sinks < 0:
                 raise CacheConfigError("The number of attention sinks cannot be negative.")
         if self.keep_fp < 0:

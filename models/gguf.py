@@ -222,7 +222,7 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 def _parse_header(buf: Any, path: Path) -> tuple[str | None, dict[str, int]]:
     if bytes(buf[:4]) != b"GGUF":
-        raise GGUFError(f"{path.name} is not a GGUF file (it does not start with the GGUF magic).")
+        raise GGUFError(f"{path.name} is not a GGUF file (it does not start with the GGUF magic): check the path, or download the file again.")
     version = struct.unpack_from("<I", buf, 4)[0]
     if version < 2:
         raise GGUFError(f"{path.name} is GGUF version {version}: versions 2 and 3 are supported.")

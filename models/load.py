@@ -184,7 +184,11 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
     except ModelError:
         raise
     except (ValueError, FileNotFoundError, KeyError) as e:
-        raise ModelError(f"Cannot load the model in {path}: {e}") from None
+        reason = str(e).strip().rstrip(".") or type(e).__name__
+        raise ModelError(
+            f"Cannot load the model in {path} ({reason}): pass an MLX or Hugging Face model directory "
+            "(config.json and *.safetensors), a .gguf file, or a repo id."
+        ) from None
     config = json.loads((path / "config.json").read_text())
     text_cfg = config.get("text_config", {})
     max_ctx = None

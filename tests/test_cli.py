@@ -63,6 +63,7 @@ def test_ask_session_resumes_without_reprefill(tiny_model_dirs, tmp_path):
         (("sessions", "show", "../etc"), ""),
         (("ask", "hi", "--session", "../x"), "session name"),
         (("ask", "hi", "--sinks", "-3"), "negative"),
+        (("ask", "hi", "--window", "0"), "--window 1 or more"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, needle, tmp_path):
@@ -143,3 +144,16 @@ def test_repo_id_without_network_or_cache_is_one_sentence(tmp_path, monkeypatch)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert "acme/no-such-model" in last and "no cached copy" in last
+
+
+def test_a_folder_without_weights_and_a_file_that_is_not_gguf(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    for spec, needle in ((folder, "safetensors"), (bad, "GGUF magic")):
+        r = kvchat("ask", "hi", "-m", str(spec), home=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert needle in last and ":" in last.split(needle, 1)[1]  # the problem, then the way out
