@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ from .screens.chat import ChatScreen
 
 if TYPE_CHECKING:
     from mlx_cache.store import SessionStore
+
+
+SWITCH_INTERVAL_S = 0.0005  # see KvchatApp.on_mount
 
 
 @dataclass
@@ -66,8 +70,15 @@ class KvchatApp(App[int]):
         self._settings_problem = settings_problem
         self._store_problem = store_problem
         self.chat_screen = ChatScreen()
+        self._switch_interval = sys.getswitchinterval()
 
     def on_mount(self) -> None:
+        # The decode loop (MLX thread) and the UI share the GIL. A UI redraw is
+        # ~10-20 ms of Python; with the default 5 ms switch interval the decode
+        # loop waits that long for its next step at each redraw. Handing the GIL
+        # over sooner kept the app's decode speed near `kvchat ask`'s.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         if self.settings.theme in self.available_themes:
             self.theme = self.settings.theme
         self.theme_changed_signal.subscribe(self, self._theme_changed)
@@ -109,6 +120,7 @@ class KvchatApp(App[int]):
         self.log(f"settings saved to {path}")
 
     def on_unmount(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
         # Stop an answer within one token, let its save finish, then release the
         # session lock; all of it queues on the MLX thread in that order.
         self.chat_screen.stop_for_exit()

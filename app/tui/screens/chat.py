@@ -416,6 +416,7 @@ class ChatScreen(SessionActions, Screen[None]):
             self._shown_rate = now
             if self._cancel is not None and not self._cancel.is_set():
                 self._status("Answering… (Esc stops)", busy=True)
+                self.query_one(StatusLine).hold_spinner(True)
         self._chunks += 1
         self._pieces += message.pieces
         t0, first = self._first_chunk
@@ -424,6 +425,7 @@ class ChatScreen(SessionActions, Screen[None]):
             self._shown_rate = now
             self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
         await self._answer.write(message.text)
+        self.query_one(MemoryMeter).refresh_soon()  # in this frame, not one of its own
 
     @on(AnswerDone)
     async def _done(self, message: AnswerDone) -> None:

@@ -22,8 +22,8 @@ from mlx_cache.memory import format_bytes
 
 from ..probe import MemoryProbe, MemorySample
 
-TICK_S = 0.25  # while answering: four refreshes a second
-IDLE_TICKS = 4  # when idle, redraw once a second: nothing moves fast then
+TICK_S = 0.33  # while answering: three refreshes a second (each one costs the decode loop a little)
+IDLE_TICKS = 3  # when idle, redraw once a second: nothing moves fast then
 HISTORY_S = 60  # the sparkline's window, one sample a second
 
 
@@ -113,7 +113,10 @@ class MemoryMeter(Vertical):
         self._state = state
         self._history: deque[float] = deque(maxlen=HISTORY_S)
         self._tick = 0
-        self._rows = 0
+        self._shown_rows: list[tuple[str, str]] = []  # what is on screen, to skip redraws that change nothing
+        self._shown_history: list[float] = []
+        self._shown_caption = ""
+        self._last_refresh = 0.0
         self._last_sample_t = 0.0
 
     def compose(self) -> ComposeResult:
@@ -128,11 +131,20 @@ class MemoryMeter(Vertical):
 
     def _on_tick(self) -> None:
         self._tick += 1
+        if time.monotonic() - self._last_refresh < TICK_S * 0.9:
+            return  # a streaming answer refreshed it within its own frame (see refresh_soon)
         if self._state().busy or self._tick % IDLE_TICKS == 0:
+            self.refresh_now()
+
+    def refresh_soon(self) -> None:
+        """Refresh now if a tick is due: called with each piece of a streaming answer,
+        so the meter redraws in the same frame as the text instead of in one of its own."""
+        if time.monotonic() - self._last_refresh >= TICK_S:
             self.refresh_now()
 
     def refresh_now(self) -> None:
         """Take a reading and redraw."""
+        self._last_refresh = time.monotonic()
         sample = self.probe.sample()
         state = self._state()
         now = time.monotonic()
@@ -149,13 +161,21 @@ class MemoryMeter(Vertical):
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column(justify="right", no_wrap=True)
         rows = meter_rows(sample, state)
-        for label, value in rows:
-            grid.add_row(label, value)
-        # A layout pass reflows the whole screen (~15 ms with a long chat); only
-        # pay for it when the number of rows, hence the height, changes.
-        self.query_one("#meter-table", Static).update(grid, layout=len(rows) != self._rows)
-        self._rows = len(rows)
-        self.query_one(Sparkline).data = list(self._history)
-        self.query_one("#meter-caption", Label).update(
-            f"total {format_bytes(sample.total)} · last minute", layout=False
-        )
+        # Every redraw takes the UI thread from the decode loop (they share the
+        # GIL and, on a small machine, the cores): draw only what changed.
+        shown = [(str(label), str(value)) for label, value in rows]
+        if shown != self._shown_rows:
+            for label, value in rows:
+                grid.add_row(label, value)
+            # A layout pass reflows the whole screen (~15 ms with a long chat); only
+            # pay for it when the number of rows, hence the height, changes.
+            self.query_one("#meter-table", Static).update(grid, layout=len(rows) != len(self._shown_rows))
+            self._shown_rows = shown
+        history = list(self._history)
+        if history != self._shown_history:
+            self.query_one(Sparkline).data = history
+            self._shown_history = history
+        caption = f"total {format_bytes(sample.total)} · last minute"
+        if caption != self._shown_caption:
+            self.query_one("#meter-caption", Label).update(caption, layout=False)
+            self._shown_caption = caption

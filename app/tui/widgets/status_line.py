@@ -53,6 +53,15 @@ class StatusLine(Horizontal):
         self.set_class(busy, "-busy")
         self._render_text()
 
+    def hold_spinner(self, hold: bool) -> None:
+        """Stop (or restart) the spinner while busy: a streaming answer shows progress
+        itself, and every spinner frame is a screen update the decode loop pays for."""
+        if self._timer is not None and self._animate and self.busy:
+            if hold:
+                self._timer.pause()
+            else:
+                self._timer.resume()
+
     def watch_message(self) -> None:
         self._render_text()
 
