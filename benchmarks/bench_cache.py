@@ -123,7 +123,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 2048])
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
     loaded = load_model(args.model)
