@@ -46,29 +46,11 @@ def ask_once(model: str | None, max_tokens: int, home: str) -> dict:
 
 async def app_once(model: str | None, max_tokens: int) -> dict:
     """One answer in the chat app (headless Pilot); returns its stats."""
-    from app.tui import make_app
-    from app.tui.messages import AnswerDone
-    from app.tui.widgets.prompt_input import PromptInput
+    from app.tui.headless import run_one_turn
     from models.sample import GREEDY
 
-    done: list[AnswerDone] = []
-    app = make_app(model=model, sampling=GREEDY.with_(max_tokens=max_tokens, repetition_penalty=1.0))
-
-    def hook(message: object) -> None:
-        if isinstance(message, AnswerDone):
-            done.append(message)
-
-    async with app.run_test(headless=True, size=(140, 45), message_hook=hook) as pilot:
-        screen = app.chat_screen
-        while screen.chat is None or screen.loading:
-            await pilot.pause(0.05)
-        screen.query_one(PromptInput).text = PROMPT
-        screen.query_one(PromptInput).focus()
-        await pilot.press("enter")
-        while not done:
-            await pilot.pause(0.05)
-        await pilot.pause(0.2)
-    return done[0].finished.stats.to_dict()
+    done = await run_one_turn(PROMPT, model=model, sampling=GREEDY.with_(max_tokens=max_tokens, repetition_penalty=1.0))
+    return done.finished.stats.to_dict()
 
 
 def main() -> None:

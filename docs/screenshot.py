@@ -21,29 +21,14 @@ sys.path.insert(0, str(ROOT))
 
 
 async def shoot(prompt: str, out: Path) -> None:
-    from app.tui import make_app
-    from app.tui.messages import TurnSaved
-    from app.tui.widgets.prompt_input import PromptInput
+    from app.tui.headless import run_one_turn
     from models.sample import GREEDY
 
-    saved: list[TurnSaved] = []
-    app = make_app(sampling=GREEDY.with_(max_tokens=120))
-
-    def hook(message: object) -> None:
-        if isinstance(message, TurnSaved):
-            saved.append(message)
-
-    async with app.run_test(headless=True, size=(140, 40), message_hook=hook) as pilot:
-        screen = app.chat_screen
-        while screen.chat is None or screen.loading:
-            await pilot.pause(0.1)
-        screen.query_one(PromptInput).text = prompt
-        screen.query_one(PromptInput).focus()
-        await pilot.press("enter")
-        while not saved:
-            await pilot.pause(0.1)
+    async def save(app, pilot) -> None:
         await pilot.pause(1.5)  # a few meter refreshes after the answer
         app.save_screenshot(filename=out.name, path=str(out.parent))
+
+    await run_one_turn(prompt, sampling=GREEDY.with_(max_tokens=120), size=(140, 40), after=save)
 
 
 def main() -> None:

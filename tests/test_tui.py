@@ -612,3 +612,17 @@ def test_answers_keep_single_line_breaks():
     tokens = _parser().parse("Roses are red,\nviolets are blue.")
     inline = next(t for t in tokens if t.type == "inline")
     assert [c.type for c in inline.children] == ["text", "hardbreak", "text"]
+
+
+@sync
+async def test_headless_turn_for_benchmarks_and_screenshots(home, tiny):
+    from app.tui.headless import run_one_turn
+
+    shots: list[str] = []
+
+    async def after(app, pilot) -> None:
+        shots.append(app.export_screenshot())
+
+    done = await run_one_turn(PROMPT, model=tiny, sampling=GREEDY.with_(max_tokens=4), after=after)
+    assert done.finished.stats.generated_tokens >= 1
+    assert shots and "<svg" in shots[0]
