@@ -2,11 +2,11 @@
 
     python benchmarks/bench_tui.py [--model M] [--max-tokens 64] [--rounds 3]
 
-Each round answers one fixed prompt greedily twice: once with `kvchat ask
---json` in a subprocess (the plain command-line path), once in the real app
-(built by the same factory as `kvchat`, driven headless by Textual's Pilot, the
-memory meter running at its answering rate and the answer streaming into the
-Markdown view). Both report the engine's decode tok/s; greedy decoding makes
+Each round answers one fixed prompt greedily twice, each in a fresh process:
+once with `kvchat ask --json` (the plain command-line path), once in the real
+app (built by the same factory as `kvchat`, driven headless by Textual's Pilot,
+the memory meter running at its answering rate and the answer streaming into
+the Markdown view). Both report the engine's decode tok/s; greedy decoding makes
 both produce the same tokens. Rounds alternate so machine noise hits both
 alike, and the JSON reports the median of the per-round ratios (app / ask).
 Goal: the app decodes at least 95% as fast as `kvchat ask`.
@@ -15,7 +15,6 @@ Goal: the app decodes at least 95% as fast as `kvchat ask`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -44,13 +43,23 @@ def ask_once(model: str | None, max_tokens: int, home: str) -> dict:
     return json.loads(r.stdout)["stats"]
 
 
-async def app_once(model: str | None, max_tokens: int) -> dict:
-    """One answer in the chat app (headless Pilot); returns its stats."""
-    from app.tui.headless import run_one_turn
-    from models.sample import GREEDY
+APP_TURN = """
+import asyncio, json, sys
+from app.tui.headless import run_one_turn
+from models.sample import GREEDY
+model, max_tokens, prompt = sys.argv[1] or None, int(sys.argv[2]), sys.argv[3]
+done = asyncio.run(run_one_turn(prompt, model=model,
+                                sampling=GREEDY.with_(max_tokens=max_tokens, repetition_penalty=1.0)))
+print(json.dumps(done.finished.stats.to_dict()))
+"""
 
-    done = await run_one_turn(PROMPT, model=model, sampling=GREEDY.with_(max_tokens=max_tokens, repetition_penalty=1.0))
-    return done.finished.stats.to_dict()
+
+def app_once(model: str | None, max_tokens: int, home: str) -> dict:
+    """One answer in the chat app (headless Pilot) in a fresh process, like `ask`; returns its stats."""
+    env = dict(os.environ, KVCHAT_HOME=home)
+    r = subprocess.run([sys.executable, "-c", APP_TURN, model or "", str(max_tokens), PROMPT], capture_output=True,
+                       text=True, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -65,7 +74,7 @@ def main() -> None:
         os.environ["KVCHAT_HOME"] = home  # the app's settings and sessions stay out of the user's
         for _ in range(args.rounds):
             ask = ask_once(args.model, args.max_tokens, home)
-            tui = asyncio.run(app_once(args.model, args.max_tokens))
+            tui = app_once(args.model, args.max_tokens, home)
             rounds.append({
                 "ask_decode_tok_s": ask["decode_tok_s"], "app_decode_tok_s": tui["decode_tok_s"],
                 "ask_tokens": ask["generated_tokens"], "app_tokens": tui["generated_tokens"],
