@@ -626,3 +626,14 @@ async def test_headless_turn_for_benchmarks_and_screenshots(home, tiny):
     done = await run_one_turn(PROMPT, model=tiny, sampling=GREEDY.with_(max_tokens=4), after=after)
     assert done.finished.stats.generated_tokens >= 1
     assert shots and "<svg" in shots[0]
+
+
+@sync
+async def test_two_new_chats_in_the_same_second_get_different_names(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        first = screen.chat
+        await pilot.press("ctrl+n")  # nothing answered yet: the first chat is not on disk
+        await until(pilot, lambda: screen.chat is not first and not screen.loading)
+        assert screen.chat is not None and first is not None and screen.chat.name != first.name

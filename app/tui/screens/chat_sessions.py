@@ -46,8 +46,11 @@ class SessionActions:
         t = SNAPSHOT_TIME if self.kv_app.snapshot else time.time()
         base = time.strftime("chat-%Y%m%d-%H%M%S", time.localtime(t))
         store = self.kv_app.store
+        # The open chat may not be on disk yet (nothing answered) but holds its
+        # name's lock: a second new chat within the same second must not take it.
+        taken = {self.chat.name} if self.chat is not None and self.chat.name else set()
         name, n = base, 2
-        while store is not None and store.exists(name):
+        while name in taken or (store is not None and store.exists(name)):
             name, n = f"{base}-{n}", n + 1
         return name
 
