@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -561,6 +562,43 @@ async def test_memory_meter_shows_weights_kv_and_budget(home, tiny):
             assert label in rows
         assert "full · fp32" in rows and rows["full · fp32"] == f"{len(chat.state.tokens):,} tok"  # CPU: float32
         assert rows["KV budget"] == "1.0 GB"
+
+
+@sync
+async def test_meter_refreshes_with_the_streaming_text_not_in_frames_of_its_own(home, tiny):
+    from app.tui.widgets.memory_meter import SOON_S, MemoryMeter
+
+    app = app_for(tiny, max_tokens=1500)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        meter = screen.query_one(MemoryMeter)
+        box = screen.query_one(PromptInput)
+        assert box.cursor_blink
+        refreshes: list[tuple[float, int, str]] = []  # (when, pieces shown so far, caller)
+        blink_while_busy: list[bool] = []
+        original = meter.refresh_now
+
+        def refresh_now() -> None:
+            if screen.busy:
+                refreshes.append((time.monotonic(), screen._chunks, sys._getframe(1).f_code.co_name))
+                blink_while_busy.append(box.cursor_blink)
+            original()
+
+        meter.refresh_now = refresh_now  # type: ignore[method-assign]
+        await send(pilot, PROMPT)
+        chunks = screen._chunks
+        assert chunks >= 6, "the answer should stream in several pieces"
+        streaming = [(t, caller) for t, n, caller in refreshes if 0 < n < chunks]
+        # several times a second: at least every other piece of text redraws the meter...
+        assert len(streaming) >= chunks // 2 - 1
+        # ...in that piece's frame, not on the meter's own timer (a redraw of its own)
+        timer_refreshes = [caller for _, caller in streaming if caller != "refresh_soon"]
+        assert len(timer_refreshes) <= 2, timer_refreshes  # a stall on a busy machine may let one in
+        times = [t for t, _ in streaming]
+        assert all(b - a >= SOON_S * 0.9 for a, b in zip(times, times[1:]))
+        # no blinking cursor (a redraw twice a second) while answering; back after
+        assert blink_while_busy and not any(blink_while_busy)
+        assert box.cursor_blink
 
 
 # -- snapshots ------------------------------------------------------------------------

@@ -29,12 +29,17 @@ async def run_one_turn(
     from . import make_app
     from .widgets.prompt_input import PromptInput
 
+    import asyncio
+
     seen: list[Any] = []
+    saved = asyncio.Event()
     app = make_app(model=model, sampling=sampling)
 
     def hook(message: object) -> None:
         if isinstance(message, (AnswerDone, TurnSaved)):
             seen.append(message)
+        if isinstance(message, TurnSaved):
+            saved.set()
 
     async with app.run_test(headless=True, size=size, message_hook=hook) as pilot:
         screen = app.chat_screen
@@ -44,8 +49,10 @@ async def run_one_turn(
         box.text = prompt
         box.focus()
         await pilot.press("enter")
-        while not any(isinstance(m, TurnSaved) for m in seen):
-            await pilot.pause(0.05)
+        # An event, not Pilot.pause polling: each pause visits every widget on
+        # the screen, work the app itself never does, which would tax the turn.
+        await saved.wait()
+        await pilot.pause()
         if after is not None:
             await after(app, pilot)
     return next(m for m in seen if isinstance(m, AnswerDone))

@@ -24,10 +24,11 @@ from .mlx_thread import MLXThread
 if TYPE_CHECKING:
     from models.chat import Chat
 
-# Answer text reaches the screen about 7 times a second: smooth to read, and
-# each redraw (a layout pass over the chat) costs the decode loop on the same
-# cores; at 20 a second the app decoded ~15% slower than `kvchat ask`.
-FLUSH_S = 0.15
+# Answer text reaches the screen four times a second: smooth to read (a few
+# tokens a step), and each screen refresh (a layout and render pass, ~10 ms of
+# Python) takes the cores and the GIL from the decode loop. On a 2-core CPU the
+# app decoded ~9% slower than `kvchat ask` at 7 refreshes a second, ~3% at 4.
+FLUSH_S = 0.25
 
 StartTurn = Callable[[threading.Event], Iterator[Event]]
 

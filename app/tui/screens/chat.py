@@ -210,6 +210,9 @@ class ChatScreen(SessionActions, Screen[None]):
     def _set_busy(self, busy: bool) -> None:
         self.busy = busy
         self.refresh_bindings()
+        # A blinking cursor is a screen update twice a second; while an answer
+        # streams the screen redraws anyway, and each extra frame costs decoding.
+        self.query_one(PromptInput).cursor_blink = not busy and not self.kv_app.snapshot
 
     # -- model --------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="model")
@@ -420,12 +423,15 @@ class ChatScreen(SessionActions, Screen[None]):
         self._chunks += 1
         self._pieces += message.pieces
         t0, first = self._first_chunk
-        # A live speed, twice a second: the final one comes with the answer's stats.
-        if now - self._shown_rate >= 0.5 and now > t0 and self._cancel is not None and not self._cancel.is_set():
-            self._shown_rate = now
-            self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
-        await self._answer.write(message.text)
-        self.query_one(MemoryMeter).refresh_soon()  # in this frame, not one of its own
+        # Text, live speed and meter in one screen refresh: each refresh is a
+        # layout and render pass that the decode loop pays for.
+        with self.app.batch_update():
+            # A live speed, twice a second: the final one comes with the answer's stats.
+            if now - self._shown_rate >= 0.5 and now > t0 and self._cancel is not None and not self._cancel.is_set():
+                self._shown_rate = now
+                self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
+            self.query_one(MemoryMeter).refresh_soon()
+            await self._answer.write(message.text)
 
     @on(AnswerDone)
     async def _done(self, message: AnswerDone) -> None:

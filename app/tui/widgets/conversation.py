@@ -9,7 +9,6 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown, Static
 from markdown_it import MarkdownIt
-from textual.widgets.markdown import MarkdownStream
 
 from models.engine import Finished, Stats
 
@@ -111,7 +110,7 @@ class AssistantMessage(Vertical):
         self.text = text
         self._label = label
         self._stats = stats
-        self._stream: MarkdownStream | None = None
+        self._streaming = False  # text of this answer has arrived
 
     def compose(self) -> ComposeResult:
         yield Label(self._label, classes="role")
@@ -128,20 +127,23 @@ class AssistantMessage(Vertical):
         self.query_one(".stats", Static).update("thinking…")
 
     async def write(self, fragment: str) -> None:
-        """Append streamed text; MarkdownStream batches fragments when rendering lags."""
+        """Append streamed text and wait until it is in the document.
+
+        Fragments come batched already (see ``turns.FLUSH_S``), so each one is
+        appended at once, in the caller's frame: no stream task whose update
+        would land in a screen refresh of its own.
+        """
         if not fragment:
             return
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.markdown)
+        if not self._streaming:
+            self._streaming = True
             self.query_one(".stats", Static).update("")
         self.text += fragment
-        await self._stream.write(fragment)
+        await self.markdown.append(fragment)
 
     async def finish(self, finished: Finished | None, stats_line: str) -> None:
         """End the stream and show the final text (the engine's, which trims stop strings)."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        self._streaming = False
         self.remove_class("-streaming")
         if finished is not None and finished.text != self.text:
             self.text = finished.text
@@ -152,9 +154,7 @@ class AssistantMessage(Vertical):
             self.query_one(".stats", Static).update(stats_line)
 
     async def fail(self, error: str) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        self._streaming = False
         self.remove_class("-streaming")
         self.add_class("-error")
         self.query_one(".stats", Static).update(error)

@@ -23,6 +23,7 @@ from mlx_cache.memory import format_bytes
 from ..probe import MemoryProbe, MemorySample
 
 TICK_S = 0.33  # while answering: three refreshes a second (each one costs the decode loop a little)
+SOON_S = 0.2  # while text streams, the meter joins any text refresh at least this far from its last
 IDLE_TICKS = 3  # when idle, redraw once a second: nothing moves fast then
 HISTORY_S = 60  # the sparkline's window, one sample a second
 
@@ -117,6 +118,7 @@ class MemoryMeter(Vertical):
         self._shown_history: list[float] = []
         self._shown_caption = ""
         self._last_refresh = 0.0
+        self._last_soon = 0.0  # when a streaming answer last offered a frame (refresh_soon)
         self._last_sample_t = 0.0
 
     def compose(self) -> ComposeResult:
@@ -131,15 +133,18 @@ class MemoryMeter(Vertical):
 
     def _on_tick(self) -> None:
         self._tick += 1
-        if time.monotonic() - self._last_refresh < TICK_S * 0.9:
-            return  # a streaming answer refreshed it within its own frame (see refresh_soon)
+        if time.monotonic() - self._last_soon < TICK_S:
+            return  # an answer is streaming: its frames carry the meter (see refresh_soon)
         if self._state().busy or self._tick % IDLE_TICKS == 0:
             self.refresh_now()
 
     def refresh_soon(self) -> None:
         """Refresh now if a tick is due: called with each piece of a streaming answer,
-        so the meter redraws in the same frame as the text instead of in one of its own."""
-        if time.monotonic() - self._last_refresh >= TICK_S:
+        so the meter redraws in the same frame as the text instead of in one of its own
+        (the timer stands aside while pieces keep coming)."""
+        now = time.monotonic()
+        self._last_soon = now
+        if now - self._last_refresh >= SOON_S:
             self.refresh_now()
 
     def refresh_now(self) -> None:
