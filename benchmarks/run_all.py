@@ -140,14 +140,22 @@ def table_quality(r: dict[str, Any]) -> str:
 
 
 def table_tui(r: dict[str, Any]) -> str:
-    return "\n".join([
-        "| path | decode tok/s (median of rounds) |",
-        "|---|---:|",
-        f"| `kvchat ask` | {r['ask_decode_tok_s']:.2f} |",
-        f"| the app (meter and streaming Markdown on) | {r['app_decode_tok_s']:.2f} |",
+    def verdict(met: bool) -> str:
+        return "met" if met else "missed"
+
+    rows = [
+        "| path | decode tok/s (median of rounds) | vs `kvchat ask` (median of per-round ratios) | goal >= 0.95 |",
+        "|---|---:|---:|---|",
+        f"| `kvchat ask` | {r['ask_decode_tok_s']:.2f} | 1.000 | |",
+        f"| the app, headless (Pilot) | {r['app_decode_tok_s']:.2f} | {r['ratio']:.3f} | {verdict(r['goal_met'])} |",
+    ]
+    if "terminal_ratio" in r:
+        rows.append(f"| the real `kvchat` in tmux | {r['terminal_decode_tok_s']:.2f} | {r['terminal_ratio']:.3f} | "
+                    f"{verdict(r['terminal_goal_met'])} |")
+    return "\n".join(rows + [
         "",
-        f"App / ask: {r['ratio']:.3f} (median of {len(r['rounds'])} paired rounds, {r['max_tokens']} tokens each); "
-        f"goal >= 0.95: {'met' if r['goal_met'] else 'missed'}.",
+        f"{len(r['rounds'])} rounds, {r['max_tokens']} greedy tokens each, every run in a fresh process; "
+        "the meter and the streaming Markdown on in both app runs.",
     ])
 
 

@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rich.table import Table
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Label, Sparkline, Static
@@ -63,6 +63,26 @@ def _bar(fraction: float, width: int) -> Text:
     full = round(fraction * width)
     style = "green" if fraction < 0.6 else "yellow" if fraction < 0.85 else "red"
     return Text.assemble(("━" * full, style), ("━" * (width - full), "grey37"))
+
+
+def layout_rows(rows: list[tuple[str | Text, str | Text]], width: int) -> Text:
+    """The rows as lines of `width` cells: bold label left, value right.
+
+    Plain text laid out by hand: a Rich table of the same rows costs several
+    times more to render, and the meter redraws several times a second while
+    the decode loop wants the cores.
+    """
+    out = Text(no_wrap=True, overflow="ellipsis", end="")
+    for i, (label, value) in enumerate(rows):
+        left = label if isinstance(label, Text) else Text(label, style="bold")
+        right = value if isinstance(value, Text) else Text(value)
+        gap = max(1, width - left.cell_len - right.cell_len)
+        if i:
+            out.append("\n")
+        out.append_text(left)
+        out.append(" " * gap)
+        out.append_text(right)
+    return out
 
 
 def meter_rows(sample: MemorySample, state: MeterState) -> list[tuple[str | Text, str | Text]]:
@@ -115,6 +135,7 @@ class MemoryMeter(Vertical):
         self._history: deque[float] = deque(maxlen=HISTORY_S)
         self._tick = 0
         self._shown_rows: list[tuple[str, str]] = []  # what is on screen, to skip redraws that change nothing
+        self._shown_width = 0
         self._shown_history: list[float] = []
         self._shown_caption = ""
         self._last_refresh = 0.0
@@ -130,6 +151,9 @@ class MemoryMeter(Vertical):
     def on_mount(self) -> None:
         self.refresh_now()
         self.set_interval(TICK_S, self._on_tick)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.call_after_refresh(self.refresh_now)  # the rows are laid out for the old width
 
     def _on_tick(self) -> None:
         self._tick += 1
@@ -162,20 +186,18 @@ class MemoryMeter(Vertical):
             # within the same second keep the highest reading, so short peaks show
             self._history[-1] = max(self._history[-1], float(sample.total))
 
-        grid = Table.grid(expand=True, padding=(0, 1))
-        grid.add_column(style="bold", no_wrap=True)
-        grid.add_column(justify="right", no_wrap=True)
         rows = meter_rows(sample, state)
         # Every redraw takes the UI thread from the decode loop (they share the
         # GIL and, on a small machine, the cores): draw only what changed.
         shown = [(str(label), str(value)) for label, value in rows]
-        if shown != self._shown_rows:
-            for label, value in rows:
-                grid.add_row(label, value)
-            # A layout pass reflows the whole screen (~15 ms with a long chat); only
+        table = self.query_one("#meter-table", Static)
+        width = table.content_size.width or 30
+        if shown != self._shown_rows or width != self._shown_width:
+            # A layout pass reflows the whole screen (~10 ms with a long chat); only
             # pay for it when the number of rows, hence the height, changes.
-            self.query_one("#meter-table", Static).update(grid, layout=len(rows) != len(self._shown_rows))
+            table.update(layout_rows(rows, width), layout=len(rows) != len(self._shown_rows))
             self._shown_rows = shown
+            self._shown_width = width
         history = list(self._history)
         if history != self._shown_history:
             self.query_one(Sparkline).data = history
