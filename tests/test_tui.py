@@ -25,7 +25,7 @@ from app.tui import make_app
 from app.tui.app import KvchatApp
 from app.tui.messages import AnswerChunk, AnswerDone, ChatReady
 from app.tui.screens.chat import ChatScreen
-from app.tui.turns import FLUSH_S
+from app.tui.turns import flush_interval
 from app.tui.screens.dialogs import ConfirmDialog, TextDialog
 from app.tui.screens.sessions import SessionBrowser
 from app.tui.screens.settings import SettingsScreen
@@ -138,7 +138,7 @@ async def test_send_streams_coalesced_markdown_and_saves(home, tiny):
         assert stats.generated_tokens > 40
         # the text arrived in batches: far fewer messages than tokens, bounded by the flush rate
         chunks = rec.of(AnswerChunk)
-        assert 1 <= len(chunks) <= elapsed / FLUSH_S + 2
+        assert 1 <= len(chunks) <= elapsed / flush_interval() + 2
         assert "".join(c.text for c in chunks) == answer
         assert "reused 0 tokens" in status(app) and "saved" in status(app)
         assert app.store is not None and chat.name and app.store.exists(chat.name)

@@ -2,7 +2,7 @@
 
 The MLX thread only appends events to a queue: no UI work, no lock the UI
 holds, so decoding runs at the model's speed. A relay (a Textual thread worker)
-wakes at most every ``FLUSH_S`` (or at once when the turn ends), joins the text
+wakes at most every ``flush_interval()`` (or at once when the turn ends), joins the text
 that arrived since, and posts one message per batch: a fast model cannot flood
 the event loop, and the screen redraws the growing answer a bounded number of
 times a second.
@@ -24,11 +24,22 @@ from .mlx_thread import MLXThread
 if TYPE_CHECKING:
     from models.chat import Chat
 
-# Answer text reaches the screen four times a second: smooth to read (a few
-# tokens a step), and each screen refresh (a layout and render pass, ~10 ms of
-# Python) takes the cores and the GIL from the decode loop. On a 2-core CPU the
-# app decoded ~9% slower than `kvchat ask` at 7 refreshes a second, ~3% at 4.
-FLUSH_S = 0.25
+# How often answer text reaches the screen. Each screen refresh is a layout
+# and render pass (~5-10 ms of Python). When the model runs on the GPU that
+# costs decoding next to nothing, and 7 refreshes a second read smoothly. When
+# it runs on the CPU, the refresh takes a core from the decode's BLAS threads:
+# on 2 cores the app decoded ~9% slower than `kvchat ask` at 7 a second, so
+# there the text comes about 3 times a second, a few words at a time.
+FLUSH_S = 0.15
+FLUSH_S_CPU = 0.3
+
+
+def flush_interval() -> float:
+    """Seconds between text refreshes for the device the model decodes on."""
+    import mlx.core as mx
+
+    return FLUSH_S_CPU if mx.default_device() == mx.cpu else FLUSH_S
+
 
 StartTurn = Callable[[threading.Event], Iterator[Event]]
 
@@ -94,10 +105,11 @@ def relay_turn(
             wake.set()
 
     mlx.submit(produce)
+    flush_s = flush_interval()
     finished = failed = done = False
     pending: list[str] = []
     while not done:
-        wake.wait(FLUSH_S)
+        wake.wait(flush_s)
         wake.clear()
         if stopping():
             cancel.set()

@@ -129,7 +129,7 @@ class AssistantMessage(Vertical):
     async def write(self, fragment: str) -> None:
         """Append streamed text and wait until it is in the document.
 
-        Fragments come batched already (see ``turns.FLUSH_S``), so each one is
+        Fragments come batched already (see ``turns.flush_interval``), so each one is
         appended at once, in the caller's frame: no stream task whose update
         would land in a screen refresh of its own.
         """

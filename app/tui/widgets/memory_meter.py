@@ -24,6 +24,7 @@ from ..probe import MemoryProbe, MemorySample
 
 TICK_S = 0.33  # while answering: three refreshes a second (each one costs the decode loop a little)
 SOON_S = 0.2  # while text streams, the meter joins any text refresh at least this far from its last
+ASIDE_S = 0.75  # ...and its timer stands aside until the text has paused this long
 IDLE_TICKS = 3  # when idle, redraw once a second: nothing moves fast then
 HISTORY_S = 60  # the sparkline's window, one sample a second
 
@@ -157,7 +158,7 @@ class MemoryMeter(Vertical):
 
     def _on_tick(self) -> None:
         self._tick += 1
-        if time.monotonic() - self._last_soon < TICK_S:
+        if time.monotonic() - self._last_soon < ASIDE_S:
             return  # an answer is streaming: its frames carry the meter (see refresh_soon)
         if self._state().busy or self._tick % IDLE_TICKS == 0:
             self.refresh_now()
