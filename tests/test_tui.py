@@ -88,6 +88,12 @@ async def until(pilot: Pilot, cond: Callable[[], bool], timeout: float = 20.0) -
         await pilot.pause(0.02)
 
 
+async def press_for(pilot: Pilot, key: str, screen: type) -> None:
+    """Press `key` and wait until it opens a screen of this kind."""
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(pilot.app.screen, screen))
+
+
 def screen_of(app: KvchatApp) -> ChatScreen:
     return app.chat_screen
 
@@ -212,8 +218,7 @@ async def test_edit_last_message_and_resend(home, tiny):
     async with app.run_test(size=SIZE) as pilot:
         screen = await ready(pilot)
         await send(pilot, PROMPT)
-        await pilot.press("ctrl+t")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "ctrl+t", TextDialog)
         dialog = app.screen
         from textual.widgets import TextArea
 
@@ -235,8 +240,7 @@ async def test_system_prompt_dialog(home, tiny):
     app = app_for(tiny)
     async with app.run_test(size=SIZE) as pilot:
         screen = await ready(pilot)
-        await pilot.press("ctrl+s")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "ctrl+s", TextDialog)
         from textual.widgets import TextArea
 
         app.screen.query_one(TextArea).text = "You are terse."
@@ -316,8 +320,7 @@ async def test_browser_lists_filters_and_opens(home, tiny):
         await send(pilot, "Second chat about pears")
         second = screen.chat.name  # type: ignore[union-attr]
 
-        await pilot.press("ctrl+o")
-        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+        await press_for(pilot, "ctrl+o", SessionBrowser)
         browser = app.screen
         from textual.widgets import DataTable
 
@@ -342,16 +345,14 @@ async def test_fork_rename_and_delete_the_open_chat(home, tiny):
         await send(pilot, PROMPT)
         original = screen.chat.name  # type: ignore[union-attr]
 
-        await pilot.press("f3")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "f3", TextDialog)
         await pilot.press("enter")  # accept the suggested name
         fork = f"{original}-fork"
         await until(pilot, lambda: screen.chat is not None and screen.chat.name == fork and not screen.loading)
         assert store.exists(original) and store.exists(fork)
         assert len(screen.query(AssistantMessage)) == 1  # the fork shows the shared history
 
-        await pilot.press("f2")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "f2", TextDialog)
         from textual.widgets import Input
 
         assert store.read(fork).meta.title.endswith("(fork)")  # told apart from the original in the browser
@@ -361,8 +362,7 @@ async def test_fork_rename_and_delete_the_open_chat(home, tiny):
         assert store.exists("Trip-to-Lisbon") and not store.exists(fork)
         assert store.read("Trip-to-Lisbon").meta.title == "Trip to Lisbon!" and screen.chat.title == "Trip to Lisbon!"
 
-        await pilot.press("f8")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await press_for(pilot, "f8", ConfirmDialog)
         await pilot.press("y")
         await until(pilot, lambda: screen.chat is not None and screen.chat.name != "Trip-to-Lisbon" and not screen.loading)
         assert not store.exists("Trip-to-Lisbon") and store.exists(original)
@@ -381,18 +381,15 @@ async def test_browser_forks_renames_and_deletes_other_sessions(home, tiny):
         await pilot.press("ctrl+n")
         await until(pilot, lambda: screen.chat is not None and screen.chat.name != other and not screen.loading)
 
-        await pilot.press("ctrl+o")
-        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+        await press_for(pilot, "ctrl+o", SessionBrowser)
         browser = app.screen
         await until(pilot, lambda: browser.selected == other)
-        await pilot.press("f3")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "f3", TextDialog)
         await pilot.press("enter")
         await until(pilot, lambda: store.exists(f"{other}-fork"))
 
         await until(pilot, lambda: app.screen is browser and browser.selected == f"{other}-fork")
-        await pilot.press("f2")
-        await until(pilot, lambda: isinstance(app.screen, TextDialog))
+        await press_for(pilot, "f2", TextDialog)
         from textual.widgets import Input
 
         app.screen.query_one(Input).value = "branch"
@@ -400,8 +397,7 @@ async def test_browser_forks_renames_and_deletes_other_sessions(home, tiny):
         await until(pilot, lambda: store.exists("branch"))
 
         await until(pilot, lambda: app.screen is browser and browser.selected == "branch")
-        await pilot.press("f8")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await press_for(pilot, "f8", ConfirmDialog)
         await pilot.press("y")
         await until(pilot, lambda: not store.exists("branch"))
         assert store.exists(other)
@@ -415,8 +411,7 @@ async def test_settings_are_saved_and_used_by_the_next_app(home, tiny):
     app = app_for(tiny)
     async with app.run_test(size=SIZE) as pilot:
         screen = await ready(pilot)
-        await pilot.press("f9")
-        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await press_for(pilot, "f9", SettingsScreen)
         from textual.widgets import Input
 
         app.screen.query_one("#temperature", Input).value = "0.3"
@@ -435,8 +430,7 @@ async def test_settings_form_rejects_bad_values(home, tiny):
     app = app_for(tiny)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        await pilot.press("f9")
-        await until(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await press_for(pilot, "f9", SettingsScreen)
         from textual.widgets import Input, Static
 
         app.screen.query_one("#top_p", Input).value = "7"
@@ -530,8 +524,7 @@ async def test_command_palette_offers_every_action(home, tiny):
         await until(pilot, lambda: isinstance(app.screen, CommandPalette))
         await pilot.press(*"open a saved chat")
         await pilot.pause(0.3)
-        await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, SessionBrowser))
+        await press_for(pilot, "enter", SessionBrowser)
 
 
 @sync
