@@ -6,6 +6,7 @@ Textual's Pilot, sends one prompt, and waits until the turn is saved.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 from models.sample import SamplingConfig
@@ -28,8 +29,6 @@ async def run_one_turn(
     """
     from . import make_app
     from .widgets.prompt_input import PromptInput
-
-    import asyncio
 
     seen: list[Any] = []
     saved = asyncio.Event()
