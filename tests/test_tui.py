@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from textual.app import App, ComposeResult
+from textual.geometry import Offset
 from textual.message import Message
 from textual.pilot import Pilot
 from textual.widgets import Static
@@ -638,11 +640,76 @@ def test_snapshot_settings(home, tiny, snap_compare):
 
 
 def test_answers_keep_single_line_breaks():
-    from app.tui.widgets.conversation import _parser
+    from app.tui.widgets.markdown_body import markdown_parser
 
-    tokens = _parser().parse("Roses are red,\nviolets are blue.")
+    tokens = markdown_parser().parse("Roses are red,\nviolets are blue.")
     inline = next(t for t in tokens if t.type == "inline")
     assert [c.type for c in inline.children] == ["text", "hardbreak", "text"]
+
+
+class _BodyApp(App):
+    """One MarkdownBody, 40 cells wide, for the widget's own tests."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        from app.tui.widgets.markdown_body import MarkdownBody
+
+        yield MarkdownBody(self.text)
+
+
+def _lines(body) -> list[str]:
+    return [strip.text.rstrip() for strip in body.render_lines(body.region.reset_offset)]
+
+
+@sync
+async def test_markdown_body_lays_out_markdown_in_one_widget():
+    from app.tui.widgets.markdown_body import MarkdownBody
+
+    text = "# Title\n\nRoses are red,\nviolets are blue.\n\n- one\n- two\n\n```python\nx = 1\n```"
+    app = _BodyApp(text)
+    async with app.run_test(size=(40, 20)) as pilot:
+        await pilot.pause()
+        body = app.query_one(MarkdownBody)
+        assert not body.children  # one widget, however many blocks
+        lines = _lines(body)
+        assert lines[0] == "Title"
+        assert "Roses are red," in lines and "violets are blue." in lines  # the single newline is kept
+        assert any(line.strip() == "• one" for line in lines)
+        code = next(i for i, line in enumerate(lines) if "x = 1" in line)
+        # the code block is highlighted: a background of its own behind the code
+        strip = body.render_lines(body.region.reset_offset)[code]
+        assert any(seg.style and seg.style.bgcolor for seg in strip)
+        assert body.size.height == len(lines)
+        # what is drawn can be selected and copied like any text
+        from textual.selection import Selection
+
+        picked = body.get_selection(Selection.from_offsets(Offset(0, 0), Offset(5, 0)))
+        assert picked is not None and picked[0] == "Title"
+
+
+@sync
+async def test_markdown_body_grows_as_text_streams_in():
+    from app.tui.widgets.markdown_body import MarkdownBody
+
+    app = _BodyApp("")
+    async with app.run_test(size=(40, 20)) as pilot:
+        body = app.query_one(MarkdownBody)
+        await pilot.pause()
+        assert body.size.height == 0
+        text = ""
+        heights = []
+        for word in ("The quick brown fox jumps over the lazy dog and keeps running far away " * 2).split():
+            text += word + " "
+            body.set_text(text)
+            await pilot.pause()
+            heights.append(body.size.height)
+            assert " ".join(_lines(body)).split() == text.split()  # every word shows, wrapped at 40 cells
+        assert heights[0] == 1 and heights == sorted(heights)
+        lines = _lines(body)
+        assert heights[-1] == len(lines) > 3 and lines[-1]  # no blank line left under the text
 
 
 @sync

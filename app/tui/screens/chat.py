@@ -431,7 +431,7 @@ class ChatScreen(SessionActions, Screen[None]):
                 self._shown_rate = now
                 self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
             self.query_one(MemoryMeter).refresh_soon()
-            await self._answer.write(message.text)
+            self._answer.write(message.text)
 
     @on(AnswerDone)
     async def _done(self, message: AnswerDone) -> None:

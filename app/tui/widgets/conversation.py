@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Label, Markdown, Static
-from markdown_it import MarkdownIt
+from textual.widgets import Label, Static
 
 from models.engine import Finished, Stats
 
-
-def _hard_breaks(state: Any) -> None:
-    for token in state.tokens:
-        for child in token.children or ():
-            if child.type == "softbreak":
-                child.type = "hardbreak"
-
-
-def _parser() -> MarkdownIt:
-    # A model's single newlines are line breaks (poems, lists without markers,
-    # addresses), not the soft wraps of hand-written Markdown.
-    md = MarkdownIt("gfm-like", {"breaks": True})
-    md.core.ruler.push("hard_breaks", _hard_breaks)
-    return md
+from .markdown_body import MarkdownBody
 
 
 def format_stats(stats: Stats, reason: str) -> str:
@@ -101,7 +87,6 @@ class AssistantMessage(Vertical):
 
     DEFAULT_CSS = """
     AssistantMessage { height: auto; }
-    AssistantMessage > Markdown { height: auto; }
     AssistantMessage > .stats { height: auto; }
     """
 
@@ -114,32 +99,28 @@ class AssistantMessage(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label(self._label, classes="role")
-        yield Markdown(self.text, parser_factory=_parser)
+        yield MarkdownBody(self.text)
         yield Static(self._stats, markup=False, classes="stats")
 
     @property
-    def markdown(self) -> Markdown:
-        return self.query_one(Markdown)
+    def body(self) -> MarkdownBody:
+        return self.query_one(MarkdownBody)
 
     def start_streaming(self) -> None:
         """Show that an answer is on its way."""
         self.add_class("-streaming")
         self.query_one(".stats", Static).update("thinking…")
 
-    async def write(self, fragment: str) -> None:
-        """Append streamed text and wait until it is in the document.
-
-        Fragments come batched already (see ``turns.flush_interval``), so each one is
-        appended at once, in the caller's frame: no stream task whose update
-        would land in a screen refresh of its own.
-        """
+    def write(self, fragment: str) -> None:
+        """Append streamed text (batched already, see ``turns.flush_interval``);
+        it shows in the caller's screen refresh."""
         if not fragment:
             return
         if not self._streaming:
             self._streaming = True
             self.query_one(".stats", Static).update("")
         self.text += fragment
-        await self.markdown.append(fragment)
+        self.body.set_text(self.text)
 
     async def finish(self, finished: Finished | None, stats_line: str) -> None:
         """End the stream and show the final text (the engine's, which trims stop strings)."""
@@ -147,7 +128,7 @@ class AssistantMessage(Vertical):
         self.remove_class("-streaming")
         if finished is not None and finished.text != self.text:
             self.text = finished.text
-            await self.markdown.update(finished.text)
+            self.body.set_text(finished.text)
         if finished is not None and not finished.text.strip():
             self.query_one(".stats", Static).update("(no visible text) · " + stats_line)
         else:
