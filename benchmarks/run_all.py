@@ -154,6 +154,10 @@ def table_tui(r: dict[str, Any]) -> str:
         f"| the app, headless (Pilot) | {r['app_decode_tok_s']:.2f} | {r['ratio']:.3f} | {spread('ratio_range')} | "
         f"{verdict(r['goal_met'])} |",
     ]
+    if "long_chat_ratio" in r:
+        rows.append(f"| the app, headless, {r['long_chat_exchanges']} earlier exchanges on screen | "
+                    f"{r['long_chat_decode_tok_s']:.2f} | {r['long_chat_ratio']:.3f} | {spread('long_chat_ratio_range')} | "
+                    f"{verdict(r['long_chat_goal_met'])} |")
     if "terminal_ratio" in r:
         rows.append(f"| the real `kvchat` in tmux | {r['terminal_decode_tok_s']:.2f} | {r['terminal_ratio']:.3f} | "
                     f"{spread('terminal_ratio_range')} | {verdict(r['terminal_goal_met'])} |")

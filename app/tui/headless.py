@@ -20,11 +20,13 @@ async def run_one_turn(
     model: str | None = None,
     sampling: SamplingConfig | None = None,
     size: tuple[int, int] = (140, 45),
+    before: Callable[[Any, Any], Awaitable[None]] | None = None,
     after: Callable[[Any, Any], Awaitable[None]] | None = None,
 ) -> AnswerDone:
     """Answer `prompt` in a headless app; returns the turn's AnswerDone.
 
     Args:
+        before: awaited with (app, pilot) once the model is loaded, before the prompt is sent.
         after: awaited with (app, pilot) once the turn is saved, before the app closes.
     """
     from . import make_app
@@ -44,6 +46,8 @@ async def run_one_turn(
         screen = app.chat_screen
         while screen.chat is None or screen.loading:
             await pilot.pause(0.05)
+        if before is not None:
+            await before(app, pilot)
         box = screen.query_one(PromptInput)
         box.text = prompt
         box.focus()
