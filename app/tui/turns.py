@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 # and render pass (~5-10 ms of Python). When the model runs on the GPU that
 # costs decoding next to nothing, and 7 refreshes a second read smoothly. When
 # it runs on the CPU, the refresh takes a core from the decode's BLAS threads:
-# on 2 cores the app decoded ~9% slower than `kvchat ask` at 7 a second, so
-# there the text comes about 3 times a second, a few words at a time.
+# on 2 cores each refresh a second cost the decode ~2% (measured: 7 a second,
+# ~9% slower than `kvchat ask`; 3.3 a second, 5%; 2.2 a second, 3%), so there
+# the text comes about twice a second, a few words at a time.
 FLUSH_S = 0.15
-FLUSH_S_CPU = 0.3
+FLUSH_S_CPU = 0.45
 
 
 def flush_interval() -> float:
