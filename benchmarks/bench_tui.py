@@ -1,6 +1,6 @@
 """Decode speed in the chat app vs `kvchat ask`, same prompt, same model, same run.
 
-    python benchmarks/bench_tui.py [--model M] [--max-tokens 64] [--rounds 15]
+    python benchmarks/bench_tui.py [--model M] [--max-tokens 96] [--rounds 12] [--no-terminal]
 
 Each round answers one fixed prompt greedily, each time in a fresh process:
 with `kvchat ask --json` (the plain command-line path); in the app built by
@@ -10,8 +10,8 @@ view); and, where tmux is installed, in the real `kvchat` in a 140x45 tmux
 terminal, the question typed as keys (its speed read back from the saved
 session); and headless again with a long chat on screen (20 earlier exchanges
 of Markdown shown above the answer: the UI's work per refresh grows with what
-it lays out, while the model answers from the same fresh context). All report the engine's decode tok/s; greedy decoding makes them
-produce the same tokens. Each round starts with a different run, so machine
+it lays out, while the model answers from the same fresh context). All report
+the engine's decode tok/s; greedy decoding makes them produce the same tokens. Each round starts with a different run, so machine
 noise and ordering hit all alike, and the JSON reports the median of the
 per-round ratios (app / ask).
 Goal: the app decodes at least 95% as fast as `kvchat ask`.
@@ -166,27 +166,31 @@ def main() -> None:
             print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     import mlx.core as mx
 
-    ratio = statistics.median(r["ratio"] for r in rounds)
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    def spread(key: str) -> list[float]:
+        return [min(r[key] for r in rounds), max(r[key] for r in rounds)]
+
+    ratio = median("ratio")
     out = {
         "benchmark": "tui_decode", "model": args.model or "embedded SmolLM2-135M-Instruct",
         "machine": platform.machine(), "device": str(mx.default_device()),
         "prompt": PROMPT, "max_tokens": args.max_tokens, "rounds": rounds,
-        "ask_decode_tok_s": statistics.median(r["ask_decode_tok_s"] for r in rounds),
-        "app_decode_tok_s": statistics.median(r["app_decode_tok_s"] for r in rounds),
-        "ratio": ratio, "ratio_range": [min(r["ratio"] for r in rounds), max(r["ratio"] for r in rounds)],
+        "ask_decode_tok_s": median("ask_decode_tok_s"), "app_decode_tok_s": median("app_decode_tok_s"),
+        "ratio": ratio, "ratio_range": spread("ratio"),
         "goal": f"app >= {GOAL:.0%} of ask", "goal_met": ratio >= GOAL,
         "long_chat_exchanges": LONG_CHAT,
-        "long_chat_decode_tok_s": statistics.median(r["long_chat_decode_tok_s"] for r in rounds),
-        "long_chat_ratio": statistics.median(r["long_chat_ratio"] for r in rounds),
-        "long_chat_ratio_range": [min(r["long_chat_ratio"] for r in rounds), max(r["long_chat_ratio"] for r in rounds)],
+        "long_chat_decode_tok_s": median("long_chat_decode_tok_s"),
+        "long_chat_ratio": median("long_chat_ratio"), "long_chat_ratio_range": spread("long_chat_ratio"),
     }
     out["long_chat_goal_met"] = out["long_chat_ratio"] >= GOAL
     if terminal:
-        t_ratio = statistics.median(r["terminal_ratio"] for r in rounds)
+        t_ratio = median("terminal_ratio")
         out.update({
-            "terminal_decode_tok_s": statistics.median(r["terminal_decode_tok_s"] for r in rounds),
+            "terminal_decode_tok_s": median("terminal_decode_tok_s"),
             "terminal_ratio": t_ratio, "terminal_goal_met": t_ratio >= GOAL,
-            "terminal_ratio_range": [min(r["terminal_ratio"] for r in rounds), max(r["terminal_ratio"] for r in rounds)],
+            "terminal_ratio_range": spread("terminal_ratio"),
         })
     print(json.dumps(out, indent=1))
 
