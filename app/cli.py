@@ -170,7 +170,11 @@ def _progress(message: str) -> None:
 def load(spec: str | None) -> Any:
     from models.load import load_model
 
-    return load_model(spec, progress=_progress)
+    from .heap import settle
+
+    loaded = load_model(spec, progress=_progress)
+    settle()  # the model lives as long as the command: keep it out of later collections
+    return loaded
 
 
 def make_engine(args: argparse.Namespace, loaded: Any) -> Any:

@@ -712,6 +712,88 @@ async def test_markdown_body_grows_as_text_streams_in():
         assert heights[-1] == len(lines) > 3 and lines[-1]  # no blank line left under the text
 
 
+class _AnswerApp(App):
+    """One answer, 40 cells wide, as the conversation shows it."""
+
+    def compose(self) -> ComposeResult:
+        yield AssistantMessage("")
+
+
+@sync
+async def test_an_answer_that_gains_a_line_costs_one_layout_pass():
+    app = _AnswerApp()
+    async with app.run_test(size=(40, 20)) as pilot:
+        answer = app.query_one(AssistantMessage)
+        answer.write("One line of text.")
+        await pilot.pause()
+        passes: list[int] = []
+        original = app.screen._refresh_layout
+
+        def counted(*args: Any, **kwargs: Any) -> None:
+            passes.append(1)
+            original(*args, **kwargs)
+
+        app.screen._refresh_layout = counted  # type: ignore[method-assign]
+        before = answer.size.height
+        answer.write(" And more words, enough to wrap onto a second line.")
+        await pilot.pause()
+        await pilot.pause()
+        assert answer.size.height == before + 1
+        # The first pass sizes everything; Textual would run a second, identical one
+        # for the changed virtual size of each message widget.
+        assert len(passes) == 1
+        passes.clear()
+        answer.write(" Same")  # still fits the last line: a repaint, no layout
+        await pilot.pause()
+        assert answer.size.height == before + 1 and not passes
+
+
+class _TableApp(App):
+    def compose(self) -> ComposeResult:
+        from app.tui.widgets.meter_table import MeterTable
+
+        yield MeterTable()
+
+
+@sync
+async def test_meter_table_repaints_only_the_rows_that_changed():
+    from rich.text import Text
+
+    from app.tui.widgets.meter_table import MeterTable
+
+    app = _TableApp()
+    async with app.run_test(size=(30, 10)) as pilot:
+        table = app.query_one(MeterTable)
+        table.set_rows([("Weights", "540.0 MB"), ("KV used", "1.2 MB"), (Text("full · fp32", style="dim"), "12 tok")])
+        await pilot.pause()
+        assert table.size.height == 3
+        lines = [strip.text for strip in table.render_lines(table.region.reset_offset)]
+        assert lines[0] == "Weights" + " " * (30 - 7 - 8) + "540.0 MB"  # label left, value right
+        assert lines[2].startswith("full · fp32") and lines[2].endswith("12 tok")
+        strip = table.render_lines(table.region.reset_offset)[0]
+        assert strip._segments[0].style.bold  # a plain label is bold
+
+        drawn: list[int] = []
+        original = table.render_line
+
+        def render_line(y: int):
+            drawn.append(y)
+            return original(y)
+
+        table.render_line = render_line  # type: ignore[method-assign]
+        table.set_rows([("Weights", "540.0 MB"), ("KV used", "1.3 MB"), (Text("full · fp32", style="dim"), "12 tok")])
+        await pilot.pause()
+        assert drawn == [1]  # one number changed: one line repainted
+        assert table.rows[1] == ("KV used", "1.3 MB")
+        drawn.clear()
+        table.set_rows([("Weights", "540.0 MB"), ("KV used", "1.3 MB"), (Text("full · fp32", style="dim"), "12 tok")])
+        await pilot.pause()
+        assert drawn == []  # the same reading draws nothing
+        table.set_rows([("Weights", "540.0 MB"), ("KV used", "1.3 MB"), ("", ""), ("MLX peak", "600 MB")])
+        await pilot.pause()
+        assert table.size.height == 4  # a new row: the height follows
+
+
 @sync
 async def test_headless_turn_for_benchmarks_and_screenshots(home, tiny):
     from app.tui.headless import run_one_turn

@@ -64,14 +64,19 @@ reopen one and the next answer starts without re-reading it."""
 NARROW = 100  # terminal columns below which the memory sidebar starts hidden
 
 
-def _release_memory() -> None:
-    """Collect unreachable models and return MLX's cached buffers (on the MLX thread)."""
-    import gc
+def _settle_memory(release_mlx: bool) -> None:
+    """Collect garbage and set aside what lives on (see app.heap); on the MLX thread.
 
+    With `release_mlx` (another model took over) also hand MLX's cached buffers
+    back, so the old weights' memory returns to the system now.
+    """
     import mlx.core as mx
 
-    gc.collect()
-    mx.clear_cache()
+    from ...heap import settle
+
+    settle()
+    if release_mlx:
+        mx.clear_cache()
 
 
 class ChatScreen(SessionActions, Screen[None]):
@@ -315,17 +320,20 @@ class ChatScreen(SessionActions, Screen[None]):
     @on(ChatReady)
     async def _chat_ready(self, message: ChatReady) -> None:
         old, self.chat = self.chat, message.chat
+        new_model = False
         if old is not None and old is not message.chat:
             self.kv_app.mlx.submit(old.close)  # after any queued MLX work on it, e.g. its last save
-            if old.engine is not message.chat.engine:
-                # Another model took over: give the old weights back now, not at
-                # some later garbage collection (model modules hold cycles).
-                del old
-                self.kv_app.mlx.submit(_release_memory)
+            # Another model took over: give the old weights back now, not at
+            # some later garbage collection (model modules hold cycles).
+            new_model = old.engine is not message.chat.engine
+            del old
         chat = message.chat
         conv = self.query_one(Conversation)
         label = self.loaded.name if self.loaded else "Assistant"
         await conv.show_history(chat.messages, label)
+        # The model and the chat are in place: collect once and set the survivors
+        # aside, so no full collection stalls the answers to come.
+        self.kv_app.mlx.submit(_settle_memory, new_model)
         if not [m for m in chat.messages if m["role"] != "system"]:
             self._show_welcome()
         if message.restored:

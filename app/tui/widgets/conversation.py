@@ -12,6 +12,7 @@ from textual.widgets import Label, Static
 from models.engine import Finished, Stats
 
 from .markdown_body import MarkdownBody
+from .one_pass import OneLayoutPass
 
 
 def format_stats(stats: Stats, reason: str) -> str:
@@ -48,7 +49,7 @@ def saved_stats_line(message: dict) -> str:
         return ""
 
 
-class UserMessage(Vertical):
+class UserMessage(OneLayoutPass, Vertical):
     """What the user typed, shown verbatim (no Markdown: it is input, not output)."""
 
     DEFAULT_CSS = """
@@ -65,7 +66,7 @@ class UserMessage(Vertical):
         yield Static(self.text, markup=False, classes="body")
 
 
-class SystemMessage(Vertical):
+class SystemMessage(OneLayoutPass, Vertical):
     """The system prompt, shown small at the top of the chat."""
 
     DEFAULT_CSS = """
@@ -82,7 +83,7 @@ class SystemMessage(Vertical):
         yield Static(self.text, markup=False, classes="body")
 
 
-class AssistantMessage(Vertical):
+class AssistantMessage(OneLayoutPass, Vertical):
     """An answer: Markdown that can grow while it streams, and a stats line."""
 
     DEFAULT_CSS = """

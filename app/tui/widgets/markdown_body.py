@@ -21,7 +21,8 @@ from rich.segment import Segment
 from rich.text import Text
 from textual.content import Content
 from textual.geometry import Size
-from textual.widget import Widget
+
+from .one_pass import OneLayoutPass
 
 
 def _hard_breaks(state: Any) -> None:
@@ -69,7 +70,7 @@ class _ChatMarkdown(RichMarkdown):
         self.parsed = parser.parse(text)
 
 
-class MarkdownBody(Widget):
+class MarkdownBody(OneLayoutPass):
     """A message's Markdown; `set_text` replaces it (a streaming answer calls it per batch)."""
 
     DEFAULT_CSS = """

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rich.text import Text
-from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label, Sparkline, Static
+from textual.widgets import Label, Sparkline
 
 from mlx_cache.memory import format_bytes
 
 from ..probe import MemoryProbe, MemorySample
+from .meter_table import MeterTable, Row
 
 TICK_S = 0.33  # while answering: three refreshes a second (each one costs the decode loop a little)
 SOON_S = 0.2  # while text streams, the meter joins any text refresh at least this far from its last
@@ -66,29 +66,9 @@ def _bar(fraction: float, width: int) -> Text:
     return Text.assemble(("━" * full, style), ("━" * (width - full), "grey37"))
 
 
-def layout_rows(rows: list[tuple[str | Text, str | Text]], width: int) -> Text:
-    """The rows as lines of `width` cells: bold label left, value right.
-
-    Plain text laid out by hand: a Rich table of the same rows costs several
-    times more to render, and the meter redraws several times a second while
-    the decode loop wants the cores.
-    """
-    out = Text(no_wrap=True, overflow="ellipsis", end="")
-    for i, (label, value) in enumerate(rows):
-        left = label if isinstance(label, Text) else Text(label, style="bold")
-        right = value if isinstance(value, Text) else Text(value)
-        gap = max(1, width - left.cell_len - right.cell_len)
-        if i:
-            out.append("\n")
-        out.append_text(left)
-        out.append(" " * gap)
-        out.append_text(right)
-    return out
-
-
-def meter_rows(sample: MemorySample, state: MeterState) -> list[tuple[str | Text, str | Text]]:
+def meter_rows(sample: MemorySample, state: MeterState) -> list[Row]:
     """The meter's (label, value) rows; plain data so tests can read what is shown."""
-    rows: list[tuple[str | Text, str | Text]] = [
+    rows: list[Row] = [
         ("Weights", format_bytes(state.weights) if state.weights is not None else "—")
     ]
     kv = state.kv
@@ -135,8 +115,6 @@ class MemoryMeter(Vertical):
         self._state = state
         self._history: deque[float] = deque(maxlen=HISTORY_S)
         self._tick = 0
-        self._shown_rows: list[tuple[str, str]] = []  # what is on screen, to skip redraws that change nothing
-        self._shown_width = 0
         self._shown_history: list[float] = []
         self._shown_caption = ""
         self._last_refresh = 0.0
@@ -145,16 +123,13 @@ class MemoryMeter(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label("Memory", classes="panel-title")
-        yield Static(id="meter-table")
+        yield MeterTable(id="meter-table")
         yield Sparkline([0.0], summary_function=max)
         yield Label("", id="meter-caption")
 
     def on_mount(self) -> None:
         self.refresh_now()
         self.set_interval(TICK_S, self._on_tick)
-
-    def on_resize(self, event: events.Resize) -> None:
-        self.call_after_refresh(self.refresh_now)  # the rows are laid out for the old width
 
     def _on_tick(self) -> None:
         self._tick += 1
@@ -180,27 +155,21 @@ class MemoryMeter(Vertical):
         now = time.monotonic()
         if self._steady and not self._history:
             self._history.extend([float(sample.total)] * HISTORY_S)
-        if now - self._last_sample_t >= 1.0 or not self._history:
+        new_second = now - self._last_sample_t >= 1.0 or not self._history
+        if new_second:
             self._history.append(float(sample.total))
             self._last_sample_t = now
-        elif self._history:
+        else:
             # within the same second keep the highest reading, so short peaks show
             self._history[-1] = max(self._history[-1], float(sample.total))
 
-        rows = meter_rows(sample, state)
         # Every redraw takes the UI thread from the decode loop (they share the
         # GIL and, on a small machine, the cores): draw only what changed.
-        shown = [(str(label), str(value)) for label, value in rows]
-        table = self.query_one("#meter-table", Static)
-        width = table.content_size.width or 30
-        if shown != self._shown_rows or width != self._shown_width:
-            # A layout pass reflows the whole screen (~10 ms with a long chat); only
-            # pay for it when the number of rows, hence the height, changes.
-            table.update(layout_rows(rows, width), layout=len(rows) != len(self._shown_rows))
-            self._shown_rows = shown
-            self._shown_width = width
+        self.query_one(MeterTable).set_rows(meter_rows(sample, state))
+        # The sparkline has one bar a second: redraw it when a second is added
+        # (the second's highest reading shows then), not with every reading.
         history = list(self._history)
-        if history != self._shown_history:
+        if (new_second or not self._shown_history) and history != self._shown_history:
             self.query_one(Sparkline).data = history
             self._shown_history = history
         caption = f"total {format_bytes(sample.total)} · last minute"
