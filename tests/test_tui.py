@@ -712,6 +712,103 @@ async def test_markdown_body_grows_as_text_streams_in():
         assert heights[-1] == len(lines) > 3 and lines[-1]  # no blank line left under the text
 
 
+_MARKDOWN = """# A title
+
+Intro with **bold**, *italics* and `code`.
+A second line right after.
+
+1. **Install** it:
+   ```bash
+   pip install kvchat
+   ```
+2. Run it:
+   - open a terminal
+   - type `kvchat`
+
+3. a loose item after a blank line
+
+### Notes
+
+> a quote
+> - with a list
+
+| col | other |
+|:----|------:|
+| x   | y     |
+Text after the table.
+
+<div>html</div>
+
+---
+
+Setext heading
+==============
+
+Done, with a [link](https://example.com).
+"""
+
+_FRAGMENTS = ["Para **b** and `c`.", "# H1", "## H2", "- item", "  - nested", "1. one", "2. two", "3) three",
+              "```py", "x = 1", "```", "> quote", "> - q item", "| a | b |", "|---|---|", "| 1 | 2 |", "---",
+              "Title", "===", "    indented code", "", "", "", "<div>", "</div>", "   cont", "1.", "-"]
+
+
+def test_a_growing_answer_is_laid_out_as_the_whole_text_would_be():
+    import random
+
+    from rich.console import Console
+
+    from app.tui.widgets.markdown_body import MarkdownLayout
+
+    console = Console(width=80, color_system="truecolor", force_terminal=True)
+
+    def drawn(layout: MarkdownLayout) -> list:
+        return [[(seg.text, str(seg.style)) for seg in line] for line in layout.lines]
+
+    rng = random.Random(7)
+    docs = [_MARKDOWN] + ["\n".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(3, 12))) for _ in range(25)]
+    for doc in docs:
+        width = rng.choice([24, 50, 80])
+        growing, n = MarkdownLayout(console, width, "monokai"), 0
+        while n < len(doc):
+            n = min(len(doc), n + rng.randint(1, 7))  # the pieces a stream delivers
+            growing.grow(doc[:n])
+            whole = MarkdownLayout(console, width, "monokai")
+            whole.lay_out_whole(doc[:n])
+            assert drawn(growing) == drawn(whole), repr(doc[:n])
+    # ...and most of a long answer was laid out once, not again with every piece
+    long = MarkdownLayout(console, 60, "monokai")
+    for n in range(1, len(_MARKDOWN) + 1, 5):
+        long.grow(_MARKDOWN[:n])
+    long.grow(_MARKDOWN)
+    assert long.done_chars > 0.9 * len(_MARKDOWN)
+
+
+@sync
+async def test_new_words_repaint_only_the_last_lines_of_a_long_answer():
+    from app.tui.widgets.markdown_body import MarkdownBody
+
+    app = _BodyApp("")
+    async with app.run_test(size=(40, 60)) as pilot:
+        body = app.query_one(MarkdownBody)
+        text = ("A paragraph long enough to wrap over two lines of forty cells.\n\n" * 8).strip()
+        body.set_text(text)
+        await pilot.pause()
+        height = body.size.height
+        drawn: list[int] = []
+        original = body.render_line
+
+        def render_line(y: int):
+            drawn.append(y)
+            return original(y)
+
+        body.render_line = render_line  # type: ignore[method-assign]
+        body.set_text(text + " More")  # fits on the last line
+        await pilot.pause()
+        assert body.size.height == height
+        assert drawn and min(drawn) >= height - 2  # the last paragraph's lines, not the answer
+        assert _lines(body)[-1].endswith("More")
+
+
 class _AnswerApp(App):
     """One answer, 40 cells wide, as the conversation shows it."""
 

@@ -130,6 +130,7 @@ class AssistantMessage(OneLayoutPass, Vertical):
         if finished is not None and finished.text != self.text:
             self.text = finished.text
             self.body.set_text(finished.text)
+        self.body.settle()
         if finished is not None and not finished.text.strip():
             self.query_one(".stats", Static).update("(no visible text) · " + stats_line)
         else:
@@ -137,6 +138,7 @@ class AssistantMessage(OneLayoutPass, Vertical):
 
     async def fail(self, error: str) -> None:
         self._streaming = False
+        self.body.settle()
         self.remove_class("-streaming")
         self.add_class("-error")
         self.query_one(".stats", Static).update(error)

@@ -4,25 +4,36 @@ Textual's Markdown widget mounts a widget per block (each paragraph, list
 item, code fence). Every screen refresh that changes a height walks every
 widget on the screen, so with a long chat each refresh of a streaming answer
 cost more: with 20 earlier exchanges on screen the UI thread took 16% of a
-core while an answer streamed and the CPU decode ran ~9% slower. Here a message is one widget whatever its
-length. Rich lays the Markdown out (headings, lists, tables, highlighted code
-blocks); the lines become one Textual ``Content``, so text can still be
-selected with the mouse and copied.
+core while an answer streamed and the CPU decode ran ~9% slower. Here a
+message is one widget whatever its length. Rich lays the Markdown out
+(headings, lists, tables, highlighted code blocks) into lines that the widget
+draws one by one (Textual's line API); text can be selected and copied.
+
+A streaming answer only grows at its end, so only its last block is laid out
+again as text arrives (see `MarkdownLayout`): with the whole answer laid out
+and drawn anew for every piece, a 1,000-token answer cost ~50 ms of the UI
+thread per refresh, time a CPU decode loses.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from markdown_it import MarkdownIt
-from rich.markdown import Heading
+from markdown_it.token import Token
+from rich.console import Console
+from rich.markdown import Heading, UnknownElement
 from rich.markdown import Markdown as RichMarkdown
 from rich.segment import Segment
 from rich.text import Text
-from textual.content import Content
-from textual.geometry import Size
+from textual.geometry import Region, Size
+from textual.selection import Selection
+from textual.strip import Strip
 
 from .one_pass import OneLayoutPass
+
+Line = list[Segment]
 
 
 def _hard_breaks(state: Any) -> None:
@@ -63,11 +74,103 @@ class _ChatMarkdown(RichMarkdown):
 
     elements: ClassVar = {**RichMarkdown.elements, "heading_open": _LeftHeading}
 
-    def __init__(self, text: str, parser: MarkdownIt, code_theme: str) -> None:
+    def __init__(self, tokens: list[Token], code_theme: str) -> None:
         # links keep their URL in the text: a terminal shows it, and it can be copied
         super().__init__("", code_theme=code_theme, hyperlinks=False)
-        self.markup = text
-        self.parsed = parser.parse(text)
+        self.parsed = tokens
+
+
+def _blocks(tokens: list[Token]) -> list[int]:
+    """Indices of the tokens that open a top-level block (paragraph, list, fence, ...)."""
+    return [i for i, t in enumerate(tokens) if t.level == 0 and t.nesting >= 0 and t.map is not None]
+
+
+def _spaced(token: Token) -> bool:
+    """Whether Rich puts a blank line after the top-level block `token` opens."""
+    return _ChatMarkdown.elements.get(token.type, UnknownElement).new_line
+
+
+def _leaf(tokens: list[Token], i: int) -> bool:
+    """Whether the top-level block opening at `i` holds no blocks of its own.
+
+    Rich spaces a block from the one before it by the blank line that the last
+    closed element asks for: for a leaf (paragraph, heading, fence) that is the
+    block before; a list, quote or table closes its own items first, so its
+    rendering brings that blank line itself.
+    """
+    return tokens[i].nesting == 0 or i + 1 >= len(tokens) or tokens[i + 1].nesting != 1
+
+
+@dataclass
+class MarkdownLayout:
+    """Markdown text laid out as lines of Rich segments, `width` cells wide.
+
+    `grow(text)` lays out text that extends what was laid out before: the
+    blocks that another block has followed are final (Markdown cannot change a
+    block once a later one has begun), so they are kept and only the rest is
+    parsed and laid out again. The result is the same as laying the whole text
+    out at once: Rich renders top-level blocks one after another, with a blank
+    line after each one that asks for it.
+    """
+
+    console: Console
+    width: int
+    code_theme: str
+    parser: MarkdownIt = field(default_factory=lambda: _shared_parser())
+    text: str = ""
+    lines: list[Line] = field(default_factory=list)
+    # text[:done_chars] is laid out for good in done_lines; done_spaced: a blank line follows it
+    done_chars: int = 0
+    done_lines: list[Line] = field(default_factory=list)
+    done_spaced: bool = False
+
+    def _render(self, tokens: list[Token]) -> list[Line]:
+        if not tokens:
+            return []
+        options = self.console.options.update(width=self.width, min_width=self.width, height=None)
+        return self.console.render_lines(_ChatMarkdown(tokens, self.code_theme), options, pad=False)
+
+    def grow(self, text: str) -> int:
+        """Lay out `text`; returns how many leading lines are unchanged since the last call."""
+        if not text.startswith(self.text[: self.done_chars]) or "\r" in text:
+            # not a continuation (or a line ending Markdown counts differently): start over
+            self.done_chars, self.done_lines, self.done_spaced = 0, [], False
+        kept = len(self.done_lines)
+        rest = text[self.done_chars :]
+        tokens = self.parser.parse(rest)
+        # A block on the last line may still change what it is ("2" becomes "2.", a list
+        # item that continues the list above): only a block that starts on a finished
+        # line closes the blocks before it.
+        finished_lines = rest.count("\n")
+        blocks = [b for b in _blocks(tokens) if tokens[b].map[0] < finished_lines]  # type: ignore[index]
+        if len(blocks) >= 2:
+            last = blocks[-1]
+            if self.done_chars and self.done_spaced and _leaf(tokens, 0):
+                self.done_lines.append([])
+            self.done_lines.extend(self._render(tokens[:last]))
+            self.done_spaced = _spaced(tokens[blocks[-2]])
+            start_line = tokens[last].map[0]  # type: ignore[index]
+            self.done_chars += sum(len(line) + 1 for line in rest.split("\n")[:start_line])
+            tokens = tokens[last:]
+        tail = self._render(tokens)
+        spacer = [[]] if self.done_chars and self.done_spaced and tokens and _leaf(tokens, 0) else []
+        lines = self.done_lines + spacer + tail
+        while lines and not Segment.get_line_length(lines[-1]):
+            lines.pop()  # Rich ends each block with a blank line; the message's margin spaces them
+        unchanged = min(kept, len(lines), len(self.lines))  # laid out for good before: the same
+        old = self.lines
+        while unchanged < min(len(lines), len(old)) and lines[unchanged] == old[unchanged]:
+            unchanged += 1
+        self.text, self.lines = text, lines
+        return unchanged
+
+    def lay_out_whole(self, text: str) -> None:
+        """Lay out `text` in one pass, keeping nothing from before."""
+        self.done_chars, self.done_lines, self.done_spaced = 0, [], False
+        lines = self._render(self.parser.parse(text)) if text else []
+        while lines and not Segment.get_line_length(lines[-1]):
+            lines.pop()
+        self.text, self.lines = text, lines
 
 
 class MarkdownBody(OneLayoutPass):
@@ -80,53 +183,87 @@ class MarkdownBody(OneLayoutPass):
     def __init__(self, text: str = "", *, classes: str | None = None) -> None:
         super().__init__(classes=classes)
         self._text = text
-        self._parser = _shared_parser()
-        self._laid_out: tuple[tuple[str, int, str], Content, int] | None = None
+        self._layout: MarkdownLayout | None = None
 
     @property
     def text(self) -> str:
         return self._text
 
     def set_text(self, text: str) -> None:
-        """Show `text` instead; lays the screen out again only if the height changed."""
+        """Show `text` instead. Text that extends the current text is laid out
+        incrementally, and the screen is laid out again only if the height changed."""
         if text == self._text:
             return
-        height = self._content_height(self.size.width) if self.size.width else None
         self._text = text
-        grew = height is None or self._content_height(self.size.width) != height
-        # A layout pass walks every widget on the screen; a new word on the same
-        # line only needs this widget repainted.
-        self.refresh(layout=grew)
+        layout = self._layout
+        width = self.size.width
+        if layout is None or not width or layout.width != width or layout.code_theme != self._code_theme():
+            self.refresh(layout=True)  # laid out afresh when next measured or drawn
+            return
+        height = len(layout.lines)
+        unchanged = layout.grow(text)
+        if len(layout.lines) != height:
+            self.refresh(layout=True)
+        else:
+            # A layout pass walks every widget on the screen; new words on the last
+            # lines only need those lines drawn again.
+            self.refresh(Region(0, unchanged, width, height - unchanged))
+
+    def settle(self) -> None:
+        """Lay the whole text out in one pass (when an answer has finished streaming).
+
+        Growing layouts match a whole one for everything Markdown lets a stream
+        decide early; a link whose target is defined further down is the
+        exception. After this the answer looks as it will when the chat is reopened.
+        """
+        layout = self._layout
+        if layout is None or layout.done_chars == 0:
+            return  # laid out whole already
+        before = layout.lines
+        layout.lay_out_whole(self._text)
+        if len(layout.lines) != len(before):
+            self.refresh(layout=True)
+        elif layout.lines != before:
+            self.refresh()
 
     def _code_theme(self) -> str:
         return "monokai" if self.app.current_theme.dark else "friendly"
 
-    def _lay_out(self, width: int) -> tuple[Content, int]:
-        """The text laid out at `width` cells and its height, cached for the last (text, width, theme)."""
-        key = (self._text, width, self._code_theme())
-        if self._laid_out is not None and self._laid_out[0] == key:
-            return self._laid_out[1], self._laid_out[2]
-        console = self.app.console
-        options = console.options.update(width=width, min_width=width, height=None)
-        lines = console.render_lines(_ChatMarkdown(self._text, self._parser, key[2]), options, pad=False)
-        while lines and not Segment.get_line_length(lines[-1]):
-            lines.pop()  # Rich ends each block with a blank line; the message's margin spaces them
-        text = Text(no_wrap=True, overflow="crop", end="")
-        for i, line in enumerate(lines):
-            if i:
-                text.append("\n")
-            for segment in line:
-                if not segment.control:
-                    text.append(segment.text, segment.style)
-        content = Content.from_rich_text(text, console)
-        self._laid_out = (key, content, len(lines))
-        return content, len(lines)
-
-    def _content_height(self, width: int) -> int:
-        return self._lay_out(width)[1] if self._text else 0
+    def _lines(self, width: int) -> list[Line]:
+        """The text's lines at `width` cells (laid out now if the width, theme or text changed)."""
+        theme = self._code_theme()
+        layout = self._layout
+        if layout is None or layout.width != width or layout.code_theme != theme:
+            layout = self._layout = MarkdownLayout(self.app.console, width, theme)
+            layout.lay_out_whole(self._text)
+        elif layout.text != self._text:
+            layout.grow(self._text)
+        return layout.lines
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
-        return self._content_height(width) if width else 0
+        return len(self._lines(width)) if width and self._text else 0
 
-    def render(self) -> Content:
-        return self._lay_out(self.size.width)[0] if self._text and self.size.width else Content("")
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        base = self.visual_style.rich_style
+        lines = self._lines(width) if width and self._text else []
+        if y >= len(lines):
+            return Strip.blank(width, base)
+        segments = lines[y]
+        selection = self.text_selection
+        if selection is not None and (span := selection.get_span(y)) is not None:
+            line = Text.assemble(*((seg.text, seg.style) for seg in segments if not seg.control), end="")
+            start, end = span
+            line.stylize(self.screen.get_component_rich_style("screen--selection"), start,
+                         len(line) if end == -1 else end)
+            segments = list(line.render(self.app.console))
+        # offsets let the mouse select text, as in any Textual text
+        return Strip(segments).apply_style(base).adjust_cell_length(width, base).apply_offsets(0, y)
+
+    def get_selection(self, selection: Selection) -> tuple[str, str] | None:
+        lines = self._lines(self.size.width) if self.size.width and self._text else []
+        text = "\n".join("".join(seg.text for seg in line if not seg.control) for line in lines)
+        return selection.extract(text), "\n"
+
+    def selection_updated(self, selection: Selection | None) -> None:
+        self.refresh()
