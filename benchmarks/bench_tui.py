@@ -1,6 +1,6 @@
 """Decode speed in the chat app vs `kvchat ask`, same prompt, same model, same run.
 
-    python benchmarks/bench_tui.py [--model M] [--max-tokens 96] [--rounds 12] [--no-terminal]
+    python benchmarks/bench_tui.py [--model M] [--max-tokens 96] [--rounds 16] [--no-terminal]
 
 Each round answers one fixed prompt greedily, each time in a fresh process:
 with `kvchat ask --json` (the plain command-line path); in the app built by
@@ -130,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--rounds", type=int, default=12)  # the rounds spread ~±8% on a shared machine
+    ap.add_argument("--rounds", type=int, default=16)  # the rounds spread ~±8% on a shared machine
     ap.add_argument("--no-terminal", action="store_true", help="skip the run in tmux")
     args = ap.parse_args()
     terminal = not args.no_terminal and shutil.which("tmux") is not None

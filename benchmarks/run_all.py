@@ -34,6 +34,7 @@ COMMANDS: dict[str, list[str]] = {
     "rotation_speed": ["benchmarks/bench_rotation_speed.py"],
     "quality": ["-m", "app", "bench", "quality", "--json"],
     "tui": ["benchmarks/bench_tui.py"],
+    "markdown": ["benchmarks/bench_markdown.py"],
 }
 
 
@@ -172,12 +173,28 @@ def table_tui(r: dict[str, Any]) -> str:
     ])
 
 
+def table_markdown(r: dict[str, Any]) -> str:
+    rows = [
+        "| answer | lines at 100 cells | laid out as the app does (ms per refresh) | whole answer laid out again (ms) | ratio |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["results"]:
+        rows.append(f"| {row['tokens']:,} tokens | {row['lines']:,} | {row['grow_ms']:.2f} | {row['whole_ms']:.2f} | "
+                    f"{row['whole_over_grow']:.1f}x |")
+    return "\n".join(rows + [
+        "",
+        f"Pieces of {r['characters_per_refresh']} characters (~7 tokens, one CPU refresh); "
+        f"mean of the last {r['last_refreshes']} refreshes of each answer.",
+    ])
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "cache": table_cache,
     "sessions": table_sessions,
     "rotation_speed": table_rotation_speed,
     "quality": table_quality,
     "tui": table_tui,
+    "markdown": table_markdown,
 }
 
 

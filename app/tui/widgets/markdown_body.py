@@ -101,22 +101,29 @@ def _leaf(tokens: list[Token], i: int) -> bool:
     return tokens[i].nesting == 0 or i + 1 >= len(tokens) or tokens[i + 1].nesting != 1
 
 
+def _trimmed(lines: list[Line]) -> list[Line]:
+    while lines and not Segment.get_line_length(lines[-1]):
+        lines.pop()  # Rich ends each block with a blank line; the message's margin spaces them
+    return lines
+
+
 @dataclass
 class MarkdownLayout:
     """Markdown text laid out as lines of Rich segments, `width` cells wide.
 
-    `grow(text)` lays out text that extends what was laid out before: the
-    blocks that another block has followed are final (Markdown cannot change a
-    block once a later one has begun), so they are kept and only the rest is
-    parsed and laid out again. The result is the same as laying the whole text
-    out at once: Rich renders top-level blocks one after another, with a blank
-    line after each one that asks for it.
+    `grow(text)` lays out text that extends what was laid out before. A
+    top-level block is final once another one has begun on a finished line
+    (Markdown's blocks are decided line by line), so those blocks are kept and
+    only the rest is parsed and laid out again. The lines are the same as
+    laying the whole text out at once, because Rich renders top-level blocks
+    one after another; the one exception is a link whose target is defined
+    further down, which `lay_out_whole` at the end of a stream puts right.
     """
 
     console: Console
     width: int
     code_theme: str
-    parser: MarkdownIt = field(default_factory=lambda: _shared_parser())
+    parser: MarkdownIt = field(default_factory=_shared_parser)
     text: str = ""
     lines: list[Line] = field(default_factory=list)
     # text[:done_chars] is laid out for good in done_lines; done_spaced: a blank line follows it
@@ -154,9 +161,7 @@ class MarkdownLayout:
             tokens = tokens[last:]
         tail = self._render(tokens)
         spacer = [[]] if self.done_chars and self.done_spaced and tokens and _leaf(tokens, 0) else []
-        lines = self.done_lines + spacer + tail
-        while lines and not Segment.get_line_length(lines[-1]):
-            lines.pop()  # Rich ends each block with a blank line; the message's margin spaces them
+        lines = _trimmed(self.done_lines + spacer + tail)
         unchanged = min(kept, len(lines), len(self.lines))  # laid out for good before: the same
         old = self.lines
         while unchanged < min(len(lines), len(old)) and lines[unchanged] == old[unchanged]:
@@ -167,10 +172,7 @@ class MarkdownLayout:
     def lay_out_whole(self, text: str) -> None:
         """Lay out `text` in one pass, keeping nothing from before."""
         self.done_chars, self.done_lines, self.done_spaced = 0, [], False
-        lines = self._render(self.parser.parse(text)) if text else []
-        while lines and not Segment.get_line_length(lines[-1]):
-            lines.pop()
-        self.text, self.lines = text, lines
+        self.text, self.lines = text, _trimmed(self._render(self.parser.parse(text)) if text else [])
 
 
 class MarkdownBody(OneLayoutPass):
@@ -210,11 +212,10 @@ class MarkdownBody(OneLayoutPass):
             self.refresh(Region(0, unchanged, width, height - unchanged))
 
     def settle(self) -> None:
-        """Lay the whole text out in one pass (when an answer has finished streaming).
+        """Lay the whole text out in one pass, when an answer has finished streaming.
 
-        Growing layouts match a whole one for everything Markdown lets a stream
-        decide early; a link whose target is defined further down is the
-        exception. After this the answer looks as it will when the chat is reopened.
+        Afterwards the answer looks exactly as it will when the chat is reopened
+        (see `MarkdownLayout` for the one case a growing layout can differ).
         """
         layout = self._layout
         if layout is None or layout.done_chars == 0:
