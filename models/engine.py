@@ -2,7 +2,8 @@
 
 One turn, in named steps:
 
-1. ``encode_chat``: template the WHOLE history and tokenize it.
+1. ``prompt``: template the WHOLE history and tokenize it, keeping the
+   cache's token ids where they spell its beginning (``continue_tokens``).
 2. ``_reuse``: compare with the token ids the cache holds; keep the longest
    common prefix, trimming (or restoring a checkpoint where a rotating window
    has evicted tokens) where the history diverged.
@@ -30,7 +31,7 @@ from mlx_cache.kinds import make_caches
 from mlx_cache.memory import max_window
 
 from .sample import Sampler, SamplingConfig
-from .template import Message, common_prefix, encode_chat
+from .template import Message, common_prefix, continue_tokens, encode_chat, render
 
 PREFILL_CHUNK = 512  # a multiple of the caches' 256-token step keeps allocation predictable
 MIN_WINDOW = 64  # smallest rotating window the budget may force: less is no conversation
@@ -152,7 +153,12 @@ class Engine:
         return ChatState(config=config, caches=make_caches(self.model, config))
 
     def encode(self, messages: Sequence[Message]) -> list[int]:
+        """The history's token ids as the tokenizer writes them (no cache involved)."""
         return encode_chat(self.tokenizer, messages)
+
+    def prompt(self, state: ChatState, messages: Sequence[Message]) -> list[int]:
+        """The token ids a turn reads: the history, continuing from what `state`'s cache holds."""
+        return continue_tokens(self.tokenizer, state.tokens, render(self.tokenizer, messages))
 
     # -- one turn -----------------------------------------------------------------
     def generate(
@@ -177,7 +183,7 @@ class Engine:
         t0 = time.perf_counter()
         if not messages or not any(m["content"].strip() for m in messages if m["role"] == "user"):
             raise EngineError("The prompt is empty: type a message first.")
-        target = self.encode(messages)
+        target = self.prompt(state, messages)
         self._check_context(state, len(target))
         sampling = self._fit_context(state, len(target), sampling)
         switched = self._fit_budget(state, len(target) + sampling.max_tokens)

@@ -63,6 +63,51 @@ def test_prefix_reuse_prefills_only_new_suffix(tiny_models):
     assert second.stats.prefilled_tokens < 40  # byte-level test tokenizer: one token per character
 
 
+def test_the_next_turn_reads_the_tokens_the_model_wrote(tiny_models):
+    from models.template import common_prefix
+
+    engine = Engine(tiny_models["llama"])
+    state = engine.new_state()
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    first = answer(engine, state, msgs, GREEDY.with_(max_tokens=24))
+    cached = list(state.tokens)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "more"}]
+    # This answer's bytes are not valid UTF-8: its text, encoded again, is other tokens
+    assert common_prefix(cached, engine.encode(msgs)) < len(cached) - 10
+    prompt = engine.prompt(state, msgs)
+    assert prompt[: len(cached)] == cached
+    second = answer(engine, state, msgs, GREEDY.with_(max_tokens=4))
+    assert second.stats.reused_tokens == len(cached)
+    assert second.stats.prefilled_tokens == second.stats.prompt_tokens - len(cached) < 30  # the new turn, a byte a token
+    # the cached turn answers as a model that reads those tokens from scratch would
+    expected = greedy_tokens_without_cache(engine.model, prompt, 4)
+    assert state.tokens[len(prompt):] == expected[:-1]
+
+
+def test_continue_tokens_keeps_tokens_that_spell_the_text():
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.template import continue_tokens, encode_text
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["ab"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tok))  # as models.load wraps it
+    a, b, ab = vocab["a"], vocab["b"], vocab["ab"]
+    assert encode_text(fast, "xab") == [vocab["x"], ab]
+    written = [vocab["x"], a, b]  # what a model may write for "xab"
+    assert continue_tokens(fast, written, "xab and more") == written + encode_text(fast, " and more")
+    # a cache that does not spell the text's start: the text's own tokens
+    assert continue_tokens(fast, [vocab["y"], a], "xab") == [vocab["x"], ab]
+    # part of it spells the start: that part is kept
+    assert continue_tokens(fast, [vocab["x"], a, b, vocab["q"]], "xabz") == [vocab["x"], a, b, vocab["z"]]
+
+
 def test_divergent_history_trims_and_matches_fresh(tiny_models):
     engine = Engine(tiny_models["qwen2"])
     state = engine.new_state(CacheConfig(k_bits=8, v_bits=8))
