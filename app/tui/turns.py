@@ -24,15 +24,17 @@ from .mlx_thread import MLXThread
 if TYPE_CHECKING:
     from models.chat import Chat
 
-# How often answer text reaches the screen. Each screen refresh is a layout
-# and render pass (~5-10 ms of Python). When the model runs on the GPU that
-# costs decoding next to nothing, and 7 refreshes a second read smoothly. When
-# it runs on the CPU, the refresh takes a core from the decode's BLAS threads:
-# on 2 cores each refresh a second cost the decode ~2% (measured: 7 a second,
-# ~9% slower than `kvchat ask`; 3.3 a second, 5%; 2.2 a second, 3%), so there
-# the text comes about twice a second, a few words at a time.
+# How often answer text (and the memory meter with it) reaches the screen.
+# Each refresh is a render pass of Python on the UI thread. When the model
+# runs on the GPU that costs decoding next to nothing, and 7 refreshes a second
+# read smoothly. When it runs on the CPU, the refresh takes a core from the
+# decode's BLAS threads: on 2 cores, with frames as costly as they first were,
+# each refresh a second cost the decode ~2%. Frames now cost about half that
+# (one layout pass, only changed lines drawn), so there the text and the meter
+# come three times a second: the meter stays live at ~0.8% of a core more than
+# twice a second would take.
 FLUSH_S = 0.15
-FLUSH_S_CPU = 0.45
+FLUSH_S_CPU = 0.33
 
 
 def flush_interval() -> float:
