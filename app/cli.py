@@ -360,7 +360,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kvchat: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise
+    finally:
+        _release_main_streams()
     return code
+
+
+def _release_main_streams() -> None:
+    # MLX leaves freeing a thread's streams to the program, the main thread's
+    # too (see app.tui.mlx_thread.release_streams); `ask` decodes on this thread.
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        mx.clear_streams()
 
 
 def _is_user_facing(e: Exception) -> bool:

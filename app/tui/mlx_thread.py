@@ -15,10 +15,23 @@ Reading metadata (``array.nbytes``, shapes) and the allocator counters
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
+
+
+def release_streams() -> None:
+    """Free the MLX streams of the calling thread; the last thing a thread that used MLX does.
+
+    MLX (0.32) leaves this to the program: a thread that ends with its streams
+    alive can abort the process as it exits ("terminate called without an
+    active exception"), now and then.
+    """
+    import mlx.core as mx
+
+    mx.clear_streams()
 
 
 class MLXThread:
@@ -26,15 +39,36 @@ class MLXThread:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvchat-mlx")
+        self._pending: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Future[T]":
         """Queue `fn(*args, **kwargs)` on the MLX thread."""
-        return self._executor.submit(fn, *args, **kwargs)
+        with self._lock:
+            future = self._executor.submit(fn, *args, **kwargs)
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: "Future[Any]") -> None:
+        with self._lock:
+            self._pending.discard(future)
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` on the MLX thread and wait for its result (never from the event loop)."""
         return self.submit(fn, *args, **kwargs).result()
 
     def shutdown(self, wait: bool = True) -> None:
-        """Finish queued jobs (when `wait`) and stop the thread."""
-        self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        """Finish the queued jobs (when `wait`; else drop those not started), free the
+        thread's MLX streams, and stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending)
+        if not wait:
+            for future in pending:
+                future.cancel()  # outside the lock: a cancel runs _forget at once
+        self._executor.submit(release_streams)
+        self._executor.shutdown(wait=wait)
