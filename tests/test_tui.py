@@ -660,6 +660,19 @@ class _BodyApp(App):
         yield MarkdownBody(self.text)
 
 
+def _record_drawn_lines(widget) -> list[int]:
+    """From now on, the y of every line `widget` draws (Textual's line API), in order."""
+    drawn: list[int] = []
+    original = widget.render_line
+
+    def render_line(y: int):
+        drawn.append(y)
+        return original(y)
+
+    widget.render_line = render_line
+    return drawn
+
+
 def _lines(body) -> list[str]:
     return [strip.text.rstrip() for strip in body.render_lines(body.region.reset_offset)]
 
@@ -794,14 +807,7 @@ async def test_new_words_repaint_only_the_last_lines_of_a_long_answer():
         body.set_text(text)
         await pilot.pause()
         height = body.size.height
-        drawn: list[int] = []
-        original = body.render_line
-
-        def render_line(y: int):
-            drawn.append(y)
-            return original(y)
-
-        body.render_line = render_line  # type: ignore[method-assign]
+        drawn = _record_drawn_lines(body)
         body.set_text(text + " More")  # fits on the last line
         await pilot.pause()
         assert body.size.height == height
@@ -870,14 +876,7 @@ async def test_meter_table_repaints_only_the_rows_that_changed():
         strip = table.render_lines(table.region.reset_offset)[0]
         assert strip._segments[0].style.bold  # a plain label is bold
 
-        drawn: list[int] = []
-        original = table.render_line
-
-        def render_line(y: int):
-            drawn.append(y)
-            return original(y)
-
-        table.render_line = render_line  # type: ignore[method-assign]
+        drawn = _record_drawn_lines(table)
         table.set_rows([("Weights", "540.0 MB"), ("KV used", "1.3 MB"), (Text("full · fp32", style="dim"), "12 tok")])
         await pilot.pause()
         assert drawn == [1]  # one number changed: one line repainted
