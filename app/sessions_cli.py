@@ -28,7 +28,7 @@ def add_sessions_parser(sub: Any) -> None:
     p.add_argument("new")
     p.set_defaults(handler=cmd_rename)
 
-    p = ss.add_parser("rm", help="delete a session (its shared KV blocks stay until gc)")
+    p = ss.add_parser("rm", help="delete a session and the KV blocks no other session uses")
     p.add_argument("names", nargs="+")
     p.set_defaults(handler=cmd_rm)
 
@@ -39,12 +39,13 @@ def add_sessions_parser(sub: Any) -> None:
 
     p = ss.add_parser("export", help="export a session as Markdown or as an mlx-lm prompt cache")
     p.add_argument("name")
-    p.add_argument("out", nargs="?", help="output file (required for mlx-lm; Markdown goes to stdout without it)")
+    p.add_argument("out", nargs="?", help="output file or folder (required for mlx-lm; Markdown goes to stdout without it)")
     p.add_argument("--format", choices=["markdown", "mlx-lm"], default="markdown")
-    p.add_argument("--output", "-o", dest="output", help="output file (the same as OUT)")
+    p.add_argument("--output", "-o", dest="output", help="output file or folder (the same as OUT)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(handler=cmd_export)
 
-    p = ss.add_parser("gc", help="delete KV blocks no session references")
+    p = ss.add_parser("gc", help="delete KV blocks no session references, temp files and stale locks")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=cmd_gc)
 
@@ -106,10 +107,12 @@ def cmd_rename(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from mlx_cache.memory import format_bytes
+
     store = _store()
     for name in args.names:
-        store.remove(name)
-        print(f"Deleted {name}.")
+        files, freed = store.remove(name)
+        print(f"Deleted {name}" + (f" and {files} KV files ({format_bytes(freed)})." if files else "."))
     return 0
 
 
@@ -129,25 +132,40 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not out:
             sys.stdout.write(text)
             return 0
-        try:
-            Path(out).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"Could not write {out} ({e.strerror or e}): check that the folder exists and is writable.") from None
-        print(f"Wrote {out}")
+        written = store.export_text(args.name, Path(out), text, ".md", force=args.force)
+        print(f"Wrote {written}")
         return 0
     if not out:
         raise UserError("Exporting to mlx-lm needs an output file: kvchat sessions export NAME --format mlx-lm OUT.safetensors.")
-    written = store.export_mlx_lm(args.name, Path(out))
+    written = store.export_mlx_lm(args.name, Path(out), force=args.force, model=_mlx_lm_model(store, args.name))
     print(f"Wrote {written}")
     return 0
+
+
+def _mlx_lm_model(store: Any, name: str) -> str | None:
+    """The model folder mlx-lm should load for an export: the session's model, resolved to an MLX folder."""
+    model = store.read(name).meta.model_name
+    try:
+        from models.embedded import EMBEDDED_NAME
+        from models.load import resolve_model_dir
+
+        return str(resolve_model_dir(None if model == EMBEDDED_NAME else model)[1])
+    except Exception:
+        return None  # mlx-lm then needs --model; the session's own name is written
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from mlx_cache.memory import format_bytes
 
-    blocks, freed = _store().gc()
+    report = _store().gc()
     if args.json:
-        print(json.dumps({"blocks_removed": blocks, "bytes_freed": freed}))
-    else:
-        print(f"Removed {blocks} unreferenced blocks ({format_bytes(freed)}).")
+        print(json.dumps({"blocks_removed": report.removed, "bytes_freed": report.freed,
+                          "stale_locks_removed": report.stale_locks, "kept_for_other_files": report.skipped}))
+        return 0
+    print(f"Removed {report.removed} unreferenced files ({format_bytes(report.freed)})"
+          + (f" and {report.stale_locks} stale lock files." if report.stale_locks else "."))
+    if report.skipped:
+        holders = sorted({h for hs in report.skipped.values() for h in hs})
+        print(f"Kept {len(report.skipped)} KV files that only {', '.join(repr(h) for h in holders)} "
+              "names (not a session: rename it to NAME.json to open it, or delete it to free them).")
     return 0

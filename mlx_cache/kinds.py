@@ -243,9 +243,27 @@ class _BaseKV:
         """Stored K and V planes of the held tokens in position order."""
         raise NotImplementedError
 
-    def load_planes(self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype) -> None:
-        """Replace the contents with planes in position order (the session store's restore)."""
+    def load_planes(
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+    ) -> None:
+        """Replace the contents with planes in position order (the session store's restore).
+
+        `float_head` is what :meth:`float_head` returned when the planes were
+        saved; without it a quantized cache with ``keep_fp`` rebuilds its float
+        head by dequantizing (close, but not bitwise what it was).
+        """
         raise NotImplementedError
+
+    def float_head(self) -> tuple[mx.array, mx.array] | None:
+        """Float copies of the leading ``keep_fp`` tokens a quantized cache keeps, cut to the tokens held.
+
+        None when the cache keeps none. The session store saves these beside
+        the planes so a restored cache is bitwise what it was.
+        """
+        if self._fp_head is None or not self.config.quantized or not self.tokens:
+            return None
+        n = min(self._fp_head[0].shape[2], self.tokens)
+        return self._fp_head[0][..., :n, :], self._fp_head[1][..., :n, :]
 
 
 class FullKVCache(_BaseKV):
@@ -317,7 +335,9 @@ class FullKVCache(_BaseKV):
             return None
         return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
 
-    def load_planes(self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype) -> None:
+    def load_planes(
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+    ) -> None:
         self.reset()
         self.dtype = dtype
         self.n_kv_heads, self.head_dim = keys[0].shape[1], _head_dim(self.kc, keys)
@@ -326,7 +346,10 @@ class FullKVCache(_BaseKV):
         probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
         self._setup(probe, probe)
         self.keys, self.values, self.offset = keys, values, offset
-        self._restore_fp_head()
+        if float_head is not None and self.config.quantized and self.config.keep_fp:
+            self._fp_head = float_head
+        else:
+            self._restore_fp_head()
 
     def _restore_fp_head(self) -> None:
         keep = self.config.keep_fp if self.config.quantized else 0
@@ -510,7 +533,9 @@ class RotatingKVCache(_BaseKV):
             return None
         return self._temporal()
 
-    def load_planes(self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype) -> None:
+    def load_planes(
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+    ) -> None:
         self.reset()
         self.dtype = dtype
         self.n_kv_heads, self.head_dim = keys[0].shape[1], _head_dim(self.kc, keys)
@@ -519,7 +544,9 @@ class RotatingKVCache(_BaseKV):
         self.keys, self.values, self.offset = keys, values, offset
         self._idx = self.tokens if self.tokens < self.capacity else self.sinks
         keep = self.config.keep_fp if self.config.quantized else 0
-        if keep:
+        if keep and float_head is not None:
+            self._fp_head = float_head
+        elif keep:
             n = min(keep, self.tokens)
             self._fp_head = (
                 self.kc.decode(_slice_tokens(keys, 0, n), dtype),

@@ -1,0 +1,216 @@
+"""Saving a session: only the blocks a turn added, then the index, each file durable before it is named.
+
+Full caches go to content-addressed blocks of BLOCK_TOKENS tokens: blocks
+already on disk are not touched, so a save after a turn writes the new tail
+and the index. A rotating window is written whole as one snapshot (it is
+bounded). Block bytes go from the cache's own MLX buffers to the file with
+``writev`` (no serialization copy); block files are written and synced by two
+threads, since syncing is most of a first save's time.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import mlx.core as mx
+
+from ..config import CacheConfig
+from . import durable, tensorfile
+from .index import BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of
+from .layers import checkpoint_arrays, describe, snapshot_arrays
+
+if TYPE_CHECKING:
+    from .session_store import SessionStore
+
+BLOCK_FORMAT = "kvchat-block"  # metadata "format" of a block file
+SNAPSHOT_FORMAT = "kvchat-snapshot"  # metadata "format" of a window/state snapshot file
+TENSOR_FILE_VERSION = "2"
+_WRITERS = 2  # threads writing and syncing block files
+
+
+def build_index(
+    *, title: str, model_name: str, model_fingerprint: str, cache_config: CacheConfig, created: float, sampling: dict[str, Any],
+    messages: Sequence[dict[str, Any]], tokens: list[int], layers: list[dict[str, Any]], kv_dtype: str | None,
+    blocks: list[dict[str, Any]], window: dict[str, Any] | None, checkpoint: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "title": str(title),
+        "model": {"name": str(model_name), "fingerprint": str(model_fingerprint)},
+        "cache_config": cache_config.to_dict(),
+        "created": float(created),
+        "updated": time.time(),
+        "sampling": dict(sampling),
+        "messages": [dict(m) for m in messages],
+        "tokens": tokens,
+        "kv": {
+            "block_tokens": BLOCK_TOKENS,
+            "dtype": kv_dtype,
+            "layers": layers,
+            "blocks": blocks,
+            "window": window,
+            "checkpoint": checkpoint,
+        },
+        "writer": {"mlx": mx.__version__},
+    }
+
+
+def kv_dtype(layers: list[dict[str, Any]]) -> str | None:
+    return next((layer["dtype"] for layer in layers if layer.get("dtype")), None)
+
+
+class _Writer:
+    """Publishes tensor files into the blocks folder."""
+
+    def __init__(self, blocks_dir: Path) -> None:
+        self.dir = blocks_dir
+
+    def _same(self, path: Path, size: int, digest: str) -> bool:
+        try:
+            if path.stat().st_size != size:
+                return False
+            return tensorfile.digest("xxh3_128", [durable.read_file(path)]) == digest
+        except OSError:
+            return False
+
+    def publish(self, stem: str, buffers: list[Any], digest: str, size: int, alt_stem: str | None) -> str:
+        """Write buffers under `stem` (or `alt_stem` where `stem` holds other bytes); returns the file name.
+
+        An existing file with the same bytes is shared, never rewritten: block
+        files do not change once written.
+        """
+        path = self.dir / f"{stem}.safetensors"
+        if self._same(path, size, digest):
+            return path.name
+        tmp = durable.temp_path(path)
+        try:
+            durable.write_new(tmp, buffers)
+            if durable.link_if_absent(tmp, path) or self._same(path, size, digest):
+                return path.name
+            if alt_stem is None:
+                # a damaged copy of these very bytes (the name is their checksum): replacing it loses nothing
+                durable.replace(tmp, path)
+                return path.name
+            # Same tokens but other bytes (computed in other prefill chunks or another float
+            # type, or damaged): keep ours, so this session resumes bitwise as it was.
+            alt = self.dir / f"{alt_stem}.safetensors"
+            if not durable.link_if_absent(tmp, alt) and not self._same(alt, size, digest):
+                durable.replace(tmp, alt)
+            return alt.name
+        finally:
+            durable.unlink_quietly(tmp)
+
+    def snapshot(self, prefix: str, arrays: dict[str, mx.array]) -> dict[str, Any] | None:
+        if not arrays:
+            return None
+        buffers = tensorfile.encode(arrays, {"format": SNAPSHOT_FORMAT, "version": TENSOR_FILE_VERSION})
+        digest = tensorfile.digest("xxh3_128", buffers)
+        size = tensorfile.size_of(buffers)
+        return {"file": self.publish(f"{prefix}-{digest}", buffers, digest, size, None), "bytes": size, "xxh3_128": digest}
+
+
+def save_blocks(
+    writer: _Writer, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
+    config_json: bytes, reusable: dict[str, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Block entries covering `tokens`; writes only blocks not in `reusable` (key -> previous entry)."""
+    block_layers = [i for i, layer in enumerate(layers) if layer["kind"] == "blocks"]
+    if not block_layers or not tokens:
+        return []
+    planes = {i: caches[i].temporal_planes() for i in block_layers}
+    heads = {i: caches[i].float_head() for i in block_layers}
+    entries: list[Any] = []
+    jobs = []
+    for bi, key in enumerate(chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)):
+        start, end = bi * BLOCK_TOKENS, min((bi + 1) * BLOCK_TOKENS, len(tokens))
+        old = reusable.get(key)
+        if old is not None and old["start"] == start and old["end"] == end and (writer.dir / old["file"]).is_file():
+            entries.append(old)  # already on disk: the O(new tokens) part of autosave
+            continue
+        arrays: dict[str, mx.array] = {}
+        for i in block_layers:
+            k, v = planes[i]
+            for j, p in enumerate(k):
+                arrays[f"{i}.k.{j}"] = p[..., start:end, :]
+            for j, p in enumerate(v):
+                arrays[f"{i}.v.{j}"] = p[..., start:end, :]
+            head = heads[i]
+            if head is not None and start < head[0].shape[2]:
+                n = min(end, head[0].shape[2])
+                arrays[f"{i}.kfp"] = head[0][..., start:n, :]
+                arrays[f"{i}.vfp"] = head[1][..., start:n, :]
+        buffers = tensorfile.encode(arrays, {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key})
+        entries.append(None)
+        jobs.append((len(entries) - 1, key, start, end, buffers, arrays))
+    if not jobs:
+        return entries
+
+    def write(job: tuple[Any, ...]) -> tuple[int, dict[str, Any]]:
+        slot, key, start, end, buffers, _arrays = job  # _arrays keeps the memory the buffers point into alive
+        digest = tensorfile.digest("xxh3_128", buffers)
+        size = tensorfile.size_of(buffers)
+        name = writer.publish(key, buffers, digest, size, f"{key}-{digest[:16]}")
+        return slot, {"key": key, "file": name, "start": start, "end": end, "bytes": size, "xxh3_128": digest}
+
+    if len(jobs) == 1:
+        results = [write(jobs[0])]
+    else:
+        with ThreadPoolExecutor(_WRITERS) as pool:
+            results = list(pool.map(write, jobs))
+    for slot, entry in results:
+        entries[slot] = entry
+    return entries
+
+
+def save_session(
+    store: "SessionStore", name: str, *, messages: Sequence[dict[str, Any]], tokens: Sequence[int], caches: Sequence[Any],
+    cache_config: CacheConfig, model_name: str, model_fingerprint: str, sampling: dict[str, Any], title: str,
+    created: float | None, checkpoint: tuple[int, list[Any]] | None, prev: dict[str, Any] | None,
+) -> tuple[dict[str, Any], set[str]]:
+    """Write the KV files and the index of one save; returns (index, files the previous save named that this one does not).
+
+    The caller holds the session's lock and the store lock (shared).
+    """
+    toks = [int(t) for t in tokens]
+    layers = describe(name, caches, len(toks))
+    dtype = kv_dtype(layers)
+    writer = _Writer(store.blocks_dir)
+    reusable: dict[str, dict[str, Any]] = {}
+    if prev is not None and (kv_dtype(prev["kv"]["layers"]) in (None, dtype)) and _same_layers(prev, layers):
+        for e in prev["kv"]["blocks"]:
+            checksum_of(e)
+            reusable[e["key"]] = e
+    config_json = canonical_json(cache_config.to_dict())
+    blocks = save_blocks(writer, caches, layers, toks, model_fingerprint, config_json, reusable)
+    window = writer.snapshot("w", snapshot_arrays(caches, layers))
+    cp = checkpoint_arrays(caches, layers, checkpoint, len(toks))
+    cp_entry = None
+    if cp is not None:
+        position, offsets, arrays = cp
+        cp_entry = writer.snapshot("c", arrays) or {"file": None, "bytes": 0, "xxh3_128": None}
+        if cp_entry["file"] is None:
+            cp_entry.pop("xxh3_128")
+        cp_entry.update(position=position, offsets=offsets)
+    durable.sync_dir(store.blocks_dir)
+    now = time.time()
+    index = build_index(
+        title=title, model_name=model_name, model_fingerprint=model_fingerprint, cache_config=cache_config,
+        created=created if created is not None else (prev or {}).get("created", now), sampling=sampling,
+        messages=messages, tokens=toks, layers=layers, kv_dtype=dtype, blocks=blocks, window=window, checkpoint=cp_entry,
+    )
+    from .index import file_entries
+
+    dropped = {e["file"] for e in file_entries(prev)} - {e["file"] for e in file_entries(index)} if prev else set()
+    return index, dropped
+
+
+def _same_layers(prev: dict[str, Any], layers: list[dict[str, Any]]) -> bool:
+    """Whether the previous save's blocks hold the same planes (same layer kinds and configs)."""
+    old = prev["kv"]["layers"]
+    return len(old) == len(layers) and all(
+        a["kind"] == b["kind"] and a.get("config") == b.get("config") for a, b in zip(old, layers)
+    )

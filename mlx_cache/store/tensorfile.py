@@ -1,0 +1,302 @@
+"""Tensor files: safetensors written straight from MLX memory and read straight into it.
+
+A session's KV is most of its bytes, so this module is where load and save
+speed is decided. Writing gathers each tensor's bytes where they already lie
+(one buffer per contiguous run of an MLX array, often a head's token range
+inside a cache buffer) and hands them to ``writev``: no serialization copy.
+Reading parses the small header, then ``preadv`` scatters the file's tensor
+bytes directly into the final buffers (for a KV block: each head's token range
+of the layer's plane), and the checksum runs over those same buffers in file
+order. There is no staging copy and no per-block assembly afterwards; the
+checksum covers every byte of the file, header included.
+
+Checksums: xxh3-128 (``xxhash``), which hashes at memory speed and releases the
+GIL, so two reader threads hash in parallel; version-1 files carry sha256.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import mlx.core as mx
+import numpy as np
+import xxhash
+
+#: Tensor dtypes a session may hold; anything else in a file is refused.
+DTYPES: dict[str, mx.Dtype] = {
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "float32": mx.float32,
+    "uint32": mx.uint32,
+}
+ST_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "uint32": "U32"}  # DTYPES key -> safetensors code
+ST_NAMES = {v: k for k, v in ST_CODES.items()}
+ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "U32": 4}
+_HOST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "U32": np.uint32}  # numpy has no bfloat16
+# Exports (mlx-lm prompt caches) also hold integer scalars; session files never do.
+_EXPORT_CODES = {"int32": "I32", "int64": "I64", "int8": "I8", "int16": "I16", "uint8": "U8", "uint16": "U16",
+                 "uint64": "U64", "bool": "BOOL", "float64": "F64"}
+_EXPORT_SIZES = {"I32": 4, "I64": 8, "I8": 1, "I16": 2, "U8": 1, "U16": 2, "U64": 8, "BOOL": 1, "F64": 8}
+_MAX_HEADER = 1 << 24  # a block header is a few KiB; anything huge is not ours
+_FIRST_READ = 1 << 16  # header bytes read up front: a block's header fits in one read
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """'float16' for mx.float16; the inverse of :data:`DTYPES`."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in DTYPES:
+        raise ValueError(f"unsupported KV dtype {name}")
+    return name
+
+
+# -- checksums ----------------------------------------------------------------------
+
+CHECKSUMS = ("xxh3_128", "sha256")  # field names in an index's file entries, preferred first
+
+
+def new_hash(algorithm: str):  # type: ignore[no-untyped-def]
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum {algorithm}")
+
+
+def digest(algorithm: str, buffers: Sequence[memoryview | bytes]) -> str:
+    h = new_hash(algorithm)
+    for b in buffers:
+        h.update(b)
+    return h.hexdigest()
+
+
+# -- MLX memory as buffers ------------------------------------------------------------
+
+
+def host_view(a: mx.array) -> np.ndarray:
+    """A numpy view (no copy) of an evaluated MLX array's memory; bfloat16 shows as uint16."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.asarray(a)
+
+
+def runs(a: np.ndarray) -> list[memoryview]:
+    """The array's bytes as a list of contiguous byte buffers, in C order."""
+    if a.size == 0:
+        return []
+    if a.flags.c_contiguous:
+        return [memoryview(a.reshape(-1)).cast("B")]
+    return [r for sub in a for r in runs(sub)]
+
+
+@functools.cache
+def direct_writes() -> bool:
+    """Whether bytes written through :func:`host_view` reach MLX (true for MLX's CPU and Metal memory).
+
+    Checked once per process: where it fails, loads read into host buffers and copy them into MLX.
+    """
+    a = mx.zeros((64,), mx.float32)
+    mx.eval(a)
+    try:
+        v = np.asarray(a)
+        if not v.flags.writeable or v.ctypes.data == 0:
+            return False
+        v[:] = np.arange(64, dtype=np.float32)
+        return float(mx.sum(a).item()) == float(np.arange(64).sum())
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+def encode(arrays: Mapping[str, mx.array], metadata: Mapping[str, str]) -> list[memoryview | bytes]:
+    """A safetensors file as buffers: the header, then each tensor's bytes where they lie in MLX memory.
+
+    Tensors are laid out back to back in the order given. The arrays are
+    evaluated here; they must stay alive until the buffers are written.
+    """
+    mx.eval(list(arrays.values()))
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    buffers: list[memoryview | bytes] = []
+    offset = 0
+    for name, a in arrays.items():
+        dname = str(a.dtype).rsplit(".", 1)[-1]
+        code = ST_CODES.get(dname) or _EXPORT_CODES[dname]
+        view = host_view(a)
+        n = view.size * (ITEMSIZE.get(code) or _EXPORT_SIZES[code])
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + n]}
+        buffers.extend(runs(view))
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned, as safetensors recommends
+    return [struct.pack("<Q", len(text)) + text, *buffers]
+
+
+def size_of(buffers: Sequence[memoryview | bytes]) -> int:
+    return sum(len(b) if isinstance(b, bytes) else b.nbytes for b in buffers)
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a parsed header."""
+
+    dtype: str  # safetensors code: F16, BF16, F32 or U32
+    shape: tuple[int, ...]
+    begin: int  # offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    metadata: dict[str, str]
+    tensors: dict[str, TensorSpec]
+    size: int  # header bytes, length prefix included
+
+
+def parse_header(head: bytes, file_size: int) -> Header:
+    """Parse a safetensors header strictly (raises ValueError for anything malformed)."""
+    if len(head) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack_from("<Q", head)
+    if n > _MAX_HEADER or 8 + n > file_size or 8 + n > len(head):
+        raise ValueError(f"header of {n} bytes in a file of {file_size}")
+    try:
+        obj = json.loads(head[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("header is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map names to strings")
+    base = 8 + n
+    tensors: dict[str, TensorSpec] = {}
+    spans = []
+    for name, spec in obj.items():
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r} has a malformed entry")
+        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r} has a malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise ValueError(f"tensor {name!r} has malformed offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= file_size - base:
+            raise ValueError(f"tensor {name!r} lies outside the file")
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]:
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+        tensors[name] = TensorSpec(dtype, tuple(shape), base + begin, base + end)
+        spans.append((begin, end))
+    spans.sort()
+    for (_, e1), (b2, _) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise ValueError("tensors overlap")
+    return Header(metadata, tensors, base)
+
+
+#: plan(header) -> for each tensor, the buffers its bytes go to, in order (summing to its size).
+Plan = Callable[[Header], Mapping[str, Sequence[memoryview]]]
+
+
+def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan) -> Header:
+    """Read the file at `path` into the buffers `plan` names and check its checksum.
+
+    Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
+    malformed header, a plan that refuses the header, or a checksum mismatch.
+    Buffers may hold garbage after a failure: the caller drops them.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"has {actual} bytes instead of {size}")
+        head = os.pread(fd, min(size, _FIRST_READ), 0)
+        if len(head) >= 8:
+            (n,) = struct.unpack_from("<Q", head)
+            if len(head) < 8 + n <= min(size, 8 + _MAX_HEADER):
+                head += os.pread(fd, 8 + n - len(head), len(head))
+        header = parse_header(head, size)
+        head = head[: header.size]
+        targets = plan(header)
+        iov: list[memoryview | bytearray] = []
+        pos = header.size
+        for name, spec in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
+            if spec.begin > pos:
+                iov.append(bytearray(spec.begin - pos))  # padding between tensors: hashed, not kept
+            bufs = targets[name]
+            if sum(b.nbytes for b in bufs) != spec.end - spec.begin:
+                raise ValueError(f"tensor {name} does not fit where it goes")
+            iov.extend(bufs)
+            pos = spec.end
+        if size > pos:
+            iov.append(bytearray(size - pos))
+        _preadv_all(fd, iov, header.size, path)
+    finally:
+        os.close(fd)
+    h = new_hash(algorithm)
+    h.update(head)
+    for b in iov:
+        h.update(b)
+    if h.hexdigest() != expected:
+        raise ValueError("fails its checksum")
+    return header
+
+
+def _preadv_all(fd: int, buffers: list[memoryview | bytearray], offset: int, path: Path) -> None:
+    pending = [memoryview(b) for b in buffers if len(b)]
+    i = 0
+    while i < len(pending):
+        batch = pending[i : i + 1024]
+        n = os.preadv(fd, batch, offset)
+        if n <= 0:
+            raise ValueError("is shorter than its header says")
+        offset += n
+        while batch and n >= batch[0].nbytes:
+            n -= batch[0].nbytes
+            batch.pop(0)
+            i += 1
+        if batch and n:
+            pending[i] = batch[0][n:]
+
+
+def read_arrays(path: Path, size: int, algorithm: str, expected: str) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """A small tensor file (snapshot) read whole into new MLX arrays, verified."""
+    hosts: dict[str, np.ndarray] = {}
+
+    def plan(header: Header) -> dict[str, list[memoryview]]:
+        out = {}
+        for name, spec in header.tensors.items():
+            a = np.empty(spec.shape, _HOST[spec.dtype])
+            hosts[name] = a
+            out[name] = runs(a)
+        return out
+
+    header = read_into(path, size, algorithm, expected, plan)
+    arrays = {}
+    for name, spec in header.tensors.items():
+        a = mx.array(hosts.pop(name))
+        arrays[name] = a.view(mx.bfloat16) if spec.dtype == "BF16" else a
+    return arrays, header.metadata
+
+
+def host_array(shape: tuple[int, ...], code: str) -> np.ndarray:
+    """A host buffer for one tensor (used where a file's dtype differs from its destination)."""
+    return np.empty(shape, _HOST[code])
+
+
+def from_host(a: np.ndarray, code: str) -> mx.array:
+    out = mx.array(a)
+    return out.view(mx.bfloat16) if code == "BF16" else out
+
