@@ -84,16 +84,22 @@ class _Planes:
         self.hosts: dict[str, np.ndarray] = {}  # host views of the buffers (or host buffers, see direct_writes)
         self.flat: dict[str, memoryview] = {}
         self.fixups: list[Callable[[], None]] = []
+        self._names: dict[frozenset[int], set[str]] = {}
+        self._geometry: dict[str, tuple[memoryview, tuple[int, ...], int, int, str]] = {}
 
     def names(self, start: int) -> set[str]:
-        out = set()
-        for i, s in self.layers.items():
-            cfg = CacheConfig.from_dict(s["config"])
-            out.update(f"{i}.k.{j}" for j in range(n_planes(cfg.k_bits)))
-            out.update(f"{i}.v.{j}" for j in range(n_planes(cfg.v_bits)))
-            if start < self.fp[i]:
-                out.update((f"{i}.kfp", f"{i}.vfp"))
-        return out
+        fp_layers = frozenset(i for i in self.layers if start < self.fp[i])
+        cached = self._names.get(fp_layers)
+        if cached is None:
+            cached = set()
+            for i, s in self.layers.items():
+                cfg = CacheConfig.from_dict(s["config"])
+                cached.update(f"{i}.k.{j}" for j in range(n_planes(cfg.k_bits)))
+                cached.update(f"{i}.v.{j}" for j in range(n_planes(cfg.v_bits)))
+                if i in fp_layers:
+                    cached.update((f"{i}.kfp", f"{i}.vfp"))
+            self._names[fp_layers] = cached
+        return cached
 
     def allocate(self, first: Header) -> None:
         """Allocate every plane, shaped after the first block's tensors."""
@@ -118,6 +124,11 @@ class _Planes:
                 self.hosts[tname] = tensorfile.host_view(a)
         for tname, h in self.hosts.items():
             self.flat[tname] = memoryview(h.reshape(-1)).cast("B")
+            b, hh, t, w = h.shape
+            row = w * h.itemsize
+            code = "U32" if h.dtype == np.uint32 else ST_CODES[self.dtypes[int(tname.partition(".")[0])]]
+            # (buffer, offset of each (batch, head) row block, token capacity, bytes per token, dtype code)
+            self._geometry[tname] = (self.flat[tname], tuple(bh * t * row for bh in range(b * hh)), t, row, code)
 
     def plan(self, entry: dict[str, Any], header: Header) -> dict[str, list[memoryview]]:
         start, end = entry["start"], entry["end"]
@@ -125,25 +136,18 @@ class _Planes:
             raise ValueError("holds other tensors than its index says")
         out: dict[str, list[memoryview]] = {}
         for tname, spec in header.tensors.items():
-            host = self.hosts[tname]
-            fp = tname.endswith("fp")
-            n = (min(end, host.shape[2]) - start) if fp else end - start
-            b, h, t, w = host.shape
-            if spec.shape != (b, h, n, w):
-                raise ValueError(f"holds tensor {tname} of shape {list(spec.shape)}, not {[b, h, n, w]}")
-            host_code = "U32" if host.dtype == np.uint32 else ST_CODES[self.dtypes[int(tname.partition('.')[0])]]
-            if spec.dtype != host_code:
-                if "U32" in (spec.dtype, host_code):
-                    raise ValueError(f"holds tensor {tname} as {spec.dtype}, not {host_code}")
-                out[tname] = self._converted(tname, spec.dtype, host_code, spec.shape, start, n)
+            flat, bases, t, row, code = self._geometry[tname]
+            n = (min(end, t) - start) if tname.endswith("fp") else end - start
+            shape = self.hosts[tname].shape
+            if spec.shape != (shape[0], shape[1], n, shape[3]):
+                raise ValueError(f"holds tensor {tname} of shape {list(spec.shape)}, not {[shape[0], shape[1], n, shape[3]]}")
+            if spec.dtype != code:
+                if "U32" in (spec.dtype, code):
+                    raise ValueError(f"holds tensor {tname} as {spec.dtype}, not {code}")
+                out[tname] = self._converted(tname, spec.dtype, code, spec.shape, start, n)
                 continue
-            row = w * host.itemsize
-            flat = self.flat[tname]
-            views = []
-            for bh in range(b * h):
-                off = (bh * t + start) * row
-                views.append(flat[off : off + n * row])
-            out[tname] = views
+            off, size = start * row, n * row
+            out[tname] = [flat[base + off : base + off + size] for base in bases]
         return out
 
     def _converted(self, tname: str, code: str, host_code: str, shape: tuple[int, ...], start: int, n: int) -> list[memoryview]:
@@ -175,12 +179,14 @@ def read_blocks(
         return {}
     paths = [blocks_dir / e["file"] for e in entries]
     _advise_willneed(paths)
+    headers = tensorfile.HeaderCache()
 
     def one(k: int) -> None:
         e, path = entries[k], paths[k]
         algorithm, want = checksum_of(e)
         try:
-            header = tensorfile.read_into(path, e["bytes"], algorithm, want, lambda h: _checked_plan(planes, e, h, k == 0))
+            header = tensorfile.read_into(path, e["bytes"], algorithm, want, lambda h: _checked_plan(planes, e, h, k == 0),
+                                          headers, e["key"])
         except (OSError, ValueError) as err:
             raise _read_error(name, e, err, path) from None
         if header.metadata.get("format") != "kvchat-block" or header.metadata.get("version") not in BLOCK_VERSIONS:

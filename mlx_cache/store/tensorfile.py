@@ -180,22 +180,25 @@ def parse_header(head: bytes, file_size: int) -> Header:
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise ValueError("metadata must map names to strings")
     base = 8 + n
+    limit = file_size - base
     tensors: dict[str, TensorSpec] = {}
     spans = []
     for name, spec in obj.items():
-        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
-            raise ValueError(f"tensor {name!r} has a malformed entry")
-        dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
-        if dtype not in ITEMSIZE:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {dtype}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r} has a malformed shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ValueError(f"tensor {name!r} has malformed offsets")
-        begin, end = offsets
-        if not 0 <= begin <= end <= file_size - base:
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            itemsize = ITEMSIZE[dtype]
+            count = 1
+            for d in shape:
+                if type(d) is not int or d < 0:
+                    raise TypeError
+                count *= d
+            if type(begin) is not int or type(end) is not int or len(spec) != 3:
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r} has a malformed entry") from None
+        if not 0 <= begin <= end <= limit:
             raise ValueError(f"tensor {name!r} lies outside the file")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]:
+        if end - begin != count * itemsize:
             raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
         tensors[name] = TensorSpec(dtype, tuple(shape), base + begin, base + end)
         spans.append((begin, end))
@@ -206,11 +209,45 @@ def parse_header(head: bytes, file_size: int) -> Header:
     return Header(metadata, tensors, base)
 
 
+class HeaderCache:
+    """Parsed headers by their bytes with one varying string blanked out (a block's key).
+
+    A session's full blocks have identical headers but for the key, so a load
+    parses one and looks the others up: parsing thousands of tensor entries in
+    Python was the largest cost of loading a quantized session. The key is
+    checked against the index separately, and the checksum covers the bytes.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[bytes, tuple[Header, tuple[int, ...]]] = {}
+
+    def parse(self, head: bytes, file_size: int, vary: str | None) -> Header:
+        if vary is None:
+            return parse_header(head, file_size)
+        token = vary.encode()
+        where = []
+        at = head.find(token)
+        while at >= 0:
+            where.append(at)
+            at = head.find(token, at + len(token))
+        # a hit must have the key exactly where the parsed header had it, and the same bytes elsewhere
+        template = head.replace(token, b"-" * len(token)) + struct.pack("<Q", file_size)
+        cached = self._parsed.get(template)
+        if cached is not None and cached[1] == tuple(where):
+            header = cached[0]
+            return Header({**header.metadata, "key": vary}, header.tensors, header.size)
+        header = parse_header(head, file_size)
+        if header.metadata.get("key") == vary:
+            self._parsed[template] = (header, tuple(where))
+        return header
+
+
 #: plan(header) -> for each tensor, the buffers its bytes go to, in order (summing to its size).
 Plan = Callable[[Header], Mapping[str, Sequence[memoryview]]]
 
 
-def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan) -> Header:
+def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
+              headers: HeaderCache | None = None, vary: str | None = None) -> Header:
     """Read the file at `path` into the buffers `plan` names and check its checksum.
 
     Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
@@ -227,18 +264,16 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan) 
             (n,) = struct.unpack_from("<Q", head)
             if len(head) < 8 + n <= min(size, 8 + _MAX_HEADER):
                 head += os.pread(fd, 8 + n - len(head), len(head))
-        header = parse_header(head, size)
-        head = head[: header.size]
+        if len(head) >= 8:
+            head = head[: 8 + struct.unpack_from("<Q", head)[0]]
+        header = headers.parse(head, size, vary) if headers is not None else parse_header(head, size)
         targets = plan(header)
         iov: list[memoryview | bytearray] = []
         pos = header.size
         for name, spec in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
             if spec.begin > pos:
                 iov.append(bytearray(spec.begin - pos))  # padding between tensors: hashed, not kept
-            bufs = targets[name]
-            if sum(b.nbytes for b in bufs) != spec.end - spec.begin:
-                raise ValueError(f"tensor {name} does not fit where it goes")
-            iov.extend(bufs)
+            iov.extend(targets[name])  # the plan checked the shape, so the buffers hold exactly its bytes
             pos = spec.end
         if size > pos:
             iov.append(bytearray(size - pos))
@@ -255,7 +290,7 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan) 
 
 
 def _preadv_all(fd: int, buffers: list[memoryview | bytearray], offset: int, path: Path) -> None:
-    pending = [memoryview(b) for b in buffers if len(b)]
+    pending = buffers
     i = 0
     while i < len(pending):
         batch = pending[i : i + 1024]
