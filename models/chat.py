@@ -58,6 +58,7 @@ class Chat:
         self.last_started = False  # whether the latest turn got as far as an event
         self.created = time.time()
         self._lock = None
+        self.notice: str | None = None  # something the user should be told about how the session was opened
         if system:
             self.messages.append({"role": "system", "content": system})
 
@@ -81,18 +82,35 @@ class Chat:
         try:
             if store.exists(name):
                 info = store.read(name)
-                chat = cls(engine, info.meta.cache_config, SamplingConfig.from_dict(info.sampling) if not sampling else sampling, store, name)
+                # Decided before anything is allocated: a session that does not fit the KV
+                # budget is refused as it is, never loaded into a smaller window.
+                engine.check_stored_session(name, info.meta.cache_config, info.meta.tokens)
+                problem = None
+                if sampling is None:
+                    sampling, problem = SamplingConfig.from_stored(info.sampling)
+                chat = cls(engine, info.meta.cache_config, sampling, store, name)
                 data = store.load(
                     name,
                     chat.state.caches,
                     model_fingerprint=engine.loaded.fingerprint,
                     cache_config=cache_config,
+                    kv_dtype=compute_dtype(engine.loaded.model),
                 )
+                if data.converted_from:
+                    chat.notice = (
+                        f"Its KV cache was stored in {data.converted_from} and is converted to "
+                        f"{compute_dtype(engine.loaded.model)} for this model as loaded now; the saved files are unchanged "
+                        "until the next answer is saved."
+                    )
                 chat.messages = list(data.messages)  # type: ignore[arg-type]
                 chat.state.tokens = list(data.tokens)
                 chat.state.checkpoint = data.checkpoint
                 chat.title = data.meta.title
                 chat.created = data.meta.created
+                chat.state.stored = True
+                if problem:
+                    note = f"Session {name!r}: {problem}."
+                    chat.notice = f"{chat.notice} {note}" if chat.notice else note
             elif create:
                 chat = cls(engine, cache_config, sampling, store, name)
             else:
@@ -131,6 +149,7 @@ class Chat:
             created=self.created,
             checkpoint=self.state.checkpoint,
         )
+        self.state.stored = True  # from now on the KV budget never switches this chat to a window
 
     # -- turns ----------------------------------------------------------------
     def set_system(self, text: str) -> None:
@@ -185,6 +204,8 @@ class Chat:
         if self.store is None or self.state.tokens or self.state.config.kind != "full":
             return
         target = self.engine.encode(self.messages)
+        if not self.engine.within_budget(self.state.config, len(target), len(target) + self.sampling.max_tokens):
+            return  # the turn switches to a window or is refused: load nothing first
         found = self.store.load_prefix(
             self.engine.loaded.fingerprint, self.state.config, target, self.state.caches
         )
@@ -193,3 +214,18 @@ class Chat:
 
     def usage(self) -> dict[str, Any]:
         return self.state.usage()
+
+
+def compute_dtype(model: Any) -> str | None:
+    """The float type `model` computes keys and values in: that of its first float parameter.
+
+    On the CPU kvchat may run a model in float32 that another day (or a Mac)
+    runs in bfloat16; a session opened under the other type is converted on load.
+    """
+    from mlx.utils import tree_flatten
+
+    for _, p in tree_flatten(model.parameters()):
+        name = str(p.dtype).rsplit(".", 1)[-1]
+        if name in ("float16", "bfloat16", "float32"):
+            return name
+    return None

@@ -103,6 +103,8 @@ class _Planes:
 
     def allocate(self, first: Header) -> None:
         """Allocate every plane, shaped after the first block's tensors."""
+        if set(first.tensors) != self.names(0):
+            raise ValueError("holds other tensors than its index says")
         direct = tensorfile.direct_writes()
         arrays = []
         for tname, spec in first.tensors.items():

@@ -272,11 +272,11 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
         pos = header.size
         for name, spec in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
             if spec.begin > pos:
-                iov.append(bytearray(spec.begin - pos))  # padding between tensors: hashed, not kept
+                iov.append(memoryview(bytearray(spec.begin - pos)))  # padding between tensors: hashed, not kept
             iov.extend(targets[name])  # the plan checked the shape, so the buffers hold exactly its bytes
             pos = spec.end
         if size > pos:
-            iov.append(bytearray(size - pos))
+            iov.append(memoryview(bytearray(size - pos)))
         _preadv_all(fd, iov, header.size, path)
     finally:
         os.close(fd)
