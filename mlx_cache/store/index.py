@@ -182,7 +182,8 @@ def validate(index: dict[str, Any], version: int) -> None:
         _dict(m, "a message", ("role", "content"))
         _need(isinstance(m["role"], str) and isinstance(m["content"], str), "a message is not text")
     tokens = index["tokens"]
-    _need(isinstance(tokens, list) and all(_int(t, 0, 2**32 - 1) for t in tokens), "tokens are not token ids")
+    _need(isinstance(tokens, list) and (not tokens or (set(map(type, tokens)) == {int} and min(tokens) >= 0
+                                                        and max(tokens) < 2**32)), "tokens are not token ids")
     kv = _dict(index["kv"], "kv", ("block_tokens", "layers", "blocks", "window", "checkpoint"))
     _need(_int(kv["block_tokens"], 1), "block_tokens")
     if version >= 2:

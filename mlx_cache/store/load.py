@@ -85,6 +85,7 @@ class _Planes:
         self.flat: dict[str, memoryview] = {}
         self.fixups: list[Callable[[], None]] = []
         self._names: dict[frozenset[int], set[str]] = {}
+        self._templates: dict[tuple[Any, ...], tuple[Any, list[tuple[memoryview, int, int, int]]]] = {}
         self._geometry: dict[str, tuple[memoryview, tuple[int, ...], int, int, str]] = {}
 
     def names(self, start: int) -> set[str]:
@@ -132,12 +133,20 @@ class _Planes:
             # (buffer, offset of each (batch, head) row block, token capacity, bytes per token, dtype code)
             self._geometry[tname] = (self.flat[tname], tuple(bh * t * row for bh in range(b * hh)), t, row, code)
 
-    def plan(self, entry: dict[str, Any], header: Header) -> dict[str, list[memoryview]]:
+    def plan(self, entry: dict[str, Any], header: Header) -> list[memoryview]:
+        """The buffers a block's tensor bytes go to, in file order (see tensorfile.Plan)."""
         start, end = entry["start"], entry["end"]
+        fp_lengths = tuple(min(end, fp) - start for fp in self.fp.values() if start < fp)
+        key = (id(header.tensors), end - start, fp_lengths)
+        cached = self._templates.get(key)
+        if cached is not None and cached[0] is header.tensors:
+            # (buffer, byte offset of the head's rows, bytes per token, tokens) in file order
+            return [flat[base + start * row : base + (start + n) * row] for flat, base, row, n in cached[1]]
         if set(header.tensors) != self.names(start):
             raise ValueError("holds other tensors than its index says")
-        out: dict[str, list[memoryview]] = {}
-        for tname, spec in header.tensors.items():
+        targets: dict[str, list[memoryview]] = {}
+        template: list[tuple[memoryview, int, int, int]] | None = []
+        for tname, spec in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
             flat, bases, t, row, code = self._geometry[tname]
             n = (min(end, t) - start) if tname.endswith("fp") else end - start
             shape = self.hosts[tname].shape
@@ -146,11 +155,16 @@ class _Planes:
             if spec.dtype != code:
                 if "U32" in (spec.dtype, code):
                     raise ValueError(f"holds tensor {tname} as {spec.dtype}, not {code}")
-                out[tname] = self._converted(tname, spec.dtype, code, spec.shape, start, n)
+                targets[tname] = self._converted(tname, spec.dtype, code, spec.shape, start, n)
+                template = None
                 continue
-            off, size = start * row, n * row
-            out[tname] = [flat[base + off : base + off + size] for base in bases]
-        return out
+            targets[tname] = [flat[base + start * row : base + (start + n) * row] for base in bases]
+            if template is not None:
+                template.extend((flat, base, row, n) for base in bases)
+        ordered = tensorfile.in_file_order(header, targets)
+        if template is not None and tensorfile.packed(header):
+            self._templates[key] = (header.tensors, template)
+        return ordered
 
     def _converted(self, tname: str, code: str, host_code: str, shape: tuple[int, ...], start: int, n: int) -> list[memoryview]:
         """A block in another float type than the session's (stored by an older kvchat): convert after reading."""
@@ -203,7 +217,7 @@ def read_blocks(
     return planes.finish()
 
 
-def _checked_plan(planes: _Planes, entry: dict[str, Any], header: Header, first: bool) -> dict[str, list[memoryview]]:
+def _checked_plan(planes: _Planes, entry: dict[str, Any], header: Header, first: bool) -> list[memoryview]:
     if first:
         planes.allocate(header)
     return planes.plan(entry, header)
