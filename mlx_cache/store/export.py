@@ -1,13 +1,16 @@
 """Exports: a session as Markdown, or its KV cache as a prompt-cache file that mlx-lm's own tools continue from.
 
-An export never writes inside the store, never replaces an existing file
-unless asked to (``force``), and is atomic (temp file, sync, link or rename).
-A folder as the target means ``FOLDER/NAME.<ext>``.
+An export never writes inside the store (its sessions and blocks folders and
+its lock file; other files in its root folder are the user's), never replaces
+an existing file unless asked to (``force``), and is atomic (temp file, sync,
+link or rename). A folder as the target means ``FOLDER/NAME.<ext>``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -34,17 +37,49 @@ def target_path(store: "SessionStore", name: str, out: Path, suffix: str, *, for
         out = out.with_name(out.name + suffix)  # as mlx-lm's own saver does: its loader picks the format by suffix
     if not out.parent.is_dir():
         raise StoreError(f"Cannot export session {name!r} to {out}: the folder {out.parent} does not exist.")
-    resolved, root = out.resolve(), store.root.resolve()
-    if resolved == root or root in resolved.parents:
+    if _inside(out, store):
         raise StoreError(
-            f"Cannot export session {name!r} to {out}: that is inside the session store ({store.root}); "
-            "choose a file outside it."
+            f"Cannot export session {name!r} to {out}: that is inside the session store (its sessions and "
+            f"blocks folders in {store.root} are kvchat's own); choose a file elsewhere."
         )
     if out.is_dir():
         raise StoreError(f"Cannot export session {name!r} to {out}: a folder of that name is in the way.")
     if out.exists() and not force:
         raise StoreError(f"{out} already exists: choose another file, or pass --force to replace it.")
     return out
+
+
+def _inside(out: Path, store: "SessionStore") -> bool:
+    """Whether `out` is one of the store's own files or in one of its folders, however it is spelled.
+
+    The store is what kvchat reads and deletes: the sessions and blocks
+    folders (an export there could pass for an index, or be deleted by gc)
+    and the store-wide lock file. Other files beside them in the store's
+    root are the user's (KVCHAT_HOME may be any folder). Paths are compared
+    resolved (symlinks) and folder by folder by device and inode, so another
+    letter case on a case-insensitive file system, a bind mount or a second
+    name of a folder is caught too.
+    """
+    resolved = out.resolve()
+    folders = [store.sessions_dir, store.blocks_dir]
+    if any(resolved == f.resolve() or f.resolve() in resolved.parents for f in folders):
+        return True
+    lock = store.root / "store.lock"
+    if resolved == lock.resolve():
+        return True
+    ids = {_file_id(f) for f in folders} - {None}
+    if ids and any(_file_id(folder) in ids for folder in resolved.parents):
+        return True
+    lock_id = _file_id(lock)
+    return lock_id is not None and _file_id(resolved) == lock_id
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def write_export(store: "SessionStore", name: str, out: Path, buffers: Sequence[Any], suffix: str, *, force: bool) -> Path:
@@ -57,18 +92,24 @@ def write_export(store: "SessionStore", name: str, out: Path, buffers: Sequence[
         if not durable.publish(tmp, path, replace_existing=force):
             raise StoreError(f"{path} already exists: choose another file, or pass --force to replace it.")
     except OSError as e:
-        raise StoreError(
-            f"Could not export session {name!r} to {path} ({e.strerror or e}): check the folder and free space."
-        ) from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        hint = "free some disk space" if full else f"choose a folder you can write to ({path.parent} is not one)"
+        raise StoreError(f"Could not export session {name!r} to {path} ({e.strerror or e}): {hint}.") from None
     finally:
-        durable.unlink_quietly(tmp)
+        try:
+            durable.unlink_quietly(tmp)
+        except OSError:
+            pass  # never created (the folder refused it)
     return path
 
 
 def markdown(store: "SessionStore", name: str) -> str:
     data = store.read(name)
     m = data.meta
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.updated))
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.updated))
+    except (OverflowError, OSError, ValueError):  # a finite time no calendar holds
+        when = "at an unknown time"
     lines = [f"# {m.title or name}", "", f"*Model: {m.model_name} · cache: {m.cache_config.label()} · "
              f"{m.tokens} tokens · updated {when}*", ""]
     for msg in data.messages:
