@@ -47,17 +47,17 @@ class GcReport:
 
 
 def references(store: "SessionStore") -> References:
-    """KV files named by any .json file in the sessions folder (valid sessions or not)."""
+    """KV files named by any index-like file in the sessions folder (valid sessions or not)."""
     refs = References()
     try:
         entries = sorted(os.listdir(store.sessions_dir))
     except FileNotFoundError:
         return refs
     for entry in entries:
-        if not entry.endswith(".json") or durable.is_temp(entry):
+        if not index_like(entry):
             continue
         path = store.sessions_dir / entry
-        stem = entry[:-5]
+        stem = entry[:-5] if entry.endswith(".json") else ""
         stat = durable.stat_key(path)
         cached = store._refs.get(entry)
         if stat is not None and cached is not None and cached[0] == stat:
@@ -82,6 +82,17 @@ def references(store: "SessionStore") -> References:
             for n in names:
                 refs.by_other.setdefault(n, []).append(entry)
     return refs
+
+
+def index_like(entry: str) -> bool:
+    """Whether a file in the sessions folder may be (a copy of) an index: its KV files are then kept.
+
+    Sessions are ``NAME.json``; sync tools and editors leave copies such as
+    "trip (conflicted copy).json", "trip.sync-conflict-....json",
+    "trip.json.bak" or "trip.json~". Temp files of interrupted writes are not
+    index-like: they were never a saved state (gc removes them).
+    """
+    return ".json" in entry and not durable.is_temp(entry)
 
 
 def _names_in(raw: bytes) -> frozenset[str]:
