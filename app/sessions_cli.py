@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,26 @@ def add_sessions_parser(sub: Any) -> None:
     p.add_argument("new")
     p.set_defaults(handler=cmd_fork)
 
-    p = ss.add_parser("export", help="export a session as Markdown or as an mlx-lm prompt cache")
+    p = ss.add_parser(
+        "export", help="export a session as Markdown or as an mlx-lm prompt cache",
+        description="Export a session as Markdown, or its KV cache as an mlx-lm prompt cache that "
+                    "'mlx_lm generate --prompt-cache-file OUT.safetensors --prompt ...' continues from. "
+                    "The output never goes inside the session store and an existing file is replaced only "
+                    "with --force; a folder as OUT means OUT/NAME.md or OUT/NAME.safetensors.",
+    )
     p.add_argument("name")
     p.add_argument("out", nargs="?", help="output file or folder (required for mlx-lm; Markdown goes to stdout without it)")
     p.add_argument("--format", choices=["markdown", "mlx-lm"], default="markdown")
     p.add_argument("--output", "-o", dest="output", help="output file or folder (the same as OUT)")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.add_argument(
+        "--model", "-m", dest="model", metavar="MODEL",
+        help="mlx-lm only: the model the session was made with (folder, .gguf file or Hugging Face repo id), "
+             "checked against the session and written into the file so that mlx_lm generate loads it "
+             "(then give mlx_lm no --model, or exactly the one written: a folder is written as its absolute "
+             "path); default: the session's model where kvchat finds it (the embedded model, a repo id, "
+             "or a folder of that name here)",
+    )
     p.set_defaults(handler=cmd_export)
 
     p = ss.add_parser("gc", help="delete KV blocks no session references, temp files and stale locks")
@@ -57,7 +72,10 @@ def _store() -> Any:
 
 
 def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):  # a finite time no calendar holds (year 10^292)
+        return "unknown"
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -123,35 +141,102 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mlx_cache.store.export import target_path
+
     from .cli import UserError
 
     store = _store()
     out = args.output or args.out
+    name = store.resolve(args.name)  # 'Trip' exports 'trip' as trip.md
     if args.format == "markdown":
-        text = store.export_markdown(args.name)
+        if args.model is not None:
+            raise UserError("--model applies to --format mlx-lm only: Markdown names the model it was made with itself.")
+        text = store.export_markdown(name)
         if not out:
             sys.stdout.write(text)
             return 0
-        written = store.export_text(args.name, Path(out), text, ".md", force=args.force)
+        written = store.export_text(name, Path(out), text, ".md", force=args.force)
         print(f"Wrote {written}")
         return 0
     if not out:
         raise UserError("Exporting to mlx-lm needs an output file: kvchat sessions export NAME --format mlx-lm OUT.safetensors.")
-    written = store.export_mlx_lm(args.name, Path(out), force=args.force, model=_mlx_lm_model(store, args.name))
+    meta = store.read(name).meta
+    target_path(store, name, Path(out), ".safetensors", force=args.force)  # refuse a bad target before finding the model
+    model = _mlx_lm_model(meta, args.model)
+    written = store.export_mlx_lm(name, Path(out), force=args.force, model=model)
     print(f"Wrote {written}")
+    if model is None:
+        print(f"kvchat: note: the file names its model {meta.model_name!r}, which is no model folder here, so "
+              "'mlx_lm generate --prompt-cache-file' will not find it: export again with --model and the folder "
+              "the session was made with.", file=sys.stderr)
     return 0
 
 
-def _mlx_lm_model(store: Any, name: str) -> str | None:
-    """The model folder mlx-lm should load for an export: the session's model, resolved to an MLX folder."""
-    model = store.read(name).meta.model_name
-    try:
-        from models.embedded import EMBEDDED_NAME
-        from models.load import resolve_model_dir
+def _is_repo_id(spec: str) -> bool:
+    return not spec.startswith((".", "/", "~")) and spec.count("/") == 1 and not Path(spec).expanduser().exists()
 
-        return str(resolve_model_dir(None if model == EMBEDDED_NAME else model)[1])
-    except Exception:
-        return None  # mlx-lm then needs --model; the session's own name is written
+
+def _local_model_dir(spec: str | None) -> Path | None:
+    """The MLX folder `spec` names on this machine, without downloading anything; None if there is none."""
+    from models.embedded import EMBEDDED_NAME, embedded_model_dir
+    from models.gguf import is_converted
+    from models.load import resolve_model_dir
+
+    if spec in (None, "", EMBEDDED_NAME):
+        folder = embedded_model_dir()
+        return folder if is_converted(folder) else None
+    assert spec is not None
+    if _is_repo_id(spec):
+        try:
+            from huggingface_hub import snapshot_download
+
+            from models import load
+
+            return Path(snapshot_download(spec, allow_patterns=getattr(load, "_HF_PATTERNS", None), local_files_only=True))
+        except Exception:
+            return None
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return resolve_model_dir(spec)[1] if path.is_file() else None  # converted once already, when the session was made
+    return path if path.is_dir() and (path / "config.json").is_file() else None
+
+
+def _mlx_lm_model(meta: Any, spec: str | None) -> str | None:
+    """What an mlx-lm export names as its model: what `mlx_lm generate` should load to continue it.
+
+    With `spec` (``--model``) it must be the session's model (same fingerprint)
+    or the export is refused; a folder is written as its absolute path, a repo
+    id as typed (mlx-lm finds it in the Hugging Face cache). Without it, the
+    session's own model name is tried; None where it names nothing here.
+    """
+    from models.errors import ModelError
+    from models.load import fingerprint
+
+    from .cli import UserError
+
+    if spec is not None:
+        try:
+            folder = _local_model_dir(spec)
+        except ModelError as e:
+            raise UserError(str(e)) from None
+        if folder is None:
+            if _is_repo_id(spec):
+                return spec  # not downloaded here: mlx-lm fetches it; nothing to check it against
+            raise UserError(f"No model at {spec}: give the model folder, .gguf file or repo id session {meta.name!r} was made with.")
+        if fingerprint(folder) != meta.model_fingerprint:
+            raise UserError(
+                f"{spec} is not the model session {meta.name!r} was made with ({meta.model_name}): "
+                "give that model's folder, .gguf file or repo id with --model."
+            )
+        return spec if _is_repo_id(spec) else os.path.abspath(folder)
+    name = meta.model_name
+    try:
+        folder = _local_model_dir(name)
+    except ModelError:
+        folder = None
+    if folder is not None and fingerprint(folder) == meta.model_fingerprint:
+        return name if _is_repo_id(name) else os.path.abspath(folder)
+    return name if _is_repo_id(name) else None  # a repo id is what mlx-lm loads anyway
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
