@@ -82,6 +82,14 @@ class Chat:
         try:
             if store.exists(name):
                 info = store.read(name)
+                vocab = getattr(getattr(engine.loaded.model, "args", None), "vocab_size", None)
+                if isinstance(vocab, int) and info.tokens and max(info.tokens) >= vocab:
+                    from mlx_cache.store import SessionCorrupt
+
+                    raise SessionCorrupt(
+                        f"Session {name!r} is damaged (it holds token ids beyond this model's {vocab}-token "
+                        f"vocabulary): remove it with 'kvchat sessions rm {name}' or restore it from a backup."
+                    )
                 # Decided before anything is allocated: a session that does not fit the KV
                 # budget is refused as it is, never loaded into a smaller window.
                 engine.check_stored_session(name, info.meta.cache_config, info.meta.tokens)

@@ -255,3 +255,21 @@ def test_fullfsync_falls_back_to_fsync_where_the_platform_has_none(tmp_path):
     new = tmp_path / "a" / "b" / "c"
     durable.make_dirs(new)
     assert new.is_dir()
+
+
+def test_token_ids_beyond_the_vocabulary_are_damage(engine, tmp_path):
+    from mlx_cache.store.index import index_bytes
+
+    store = SessionStore(tmp_path / "home")
+    chat = Chat.open(engine, store, "s", sampling=SAMPLING)
+    turn(chat, "Hello there")
+    chat.close()
+    path = store.sessions_dir / "s.json"
+    index = json.loads(path.read_text())
+    index.pop("checksum")
+    index["tokens"][-1] = engine.loaded.model.args.vocab_size  # one past the last id; checksum made valid again
+    path.write_bytes(index_bytes(index))
+    before = digests(store.root)
+    with pytest.raises(SessionCorrupt, match="vocabulary"):
+        Chat.open(engine, store, "s", sampling=SAMPLING)
+    assert digests(store.root) == before

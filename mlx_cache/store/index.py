@@ -175,7 +175,7 @@ def validate(index: dict[str, Any], version: int) -> None:
     model = _dict(index["model"], "model", ("name", "fingerprint"))
     _need(isinstance(model["name"], str) and isinstance(model["fingerprint"], str), "model is not text")
     _config(index["cache_config"], "cache_config")
-    _need(_num(index["created"]) and _num(index["updated"]), "the times are not finite numbers")
+    _need(all(_num(index[k]) and 0 <= index[k] < 1e11 for k in ("created", "updated")), "the times are not dates")
     _need(isinstance(index["sampling"], dict), "sampling is not an object")
     _need(isinstance(index["messages"], list), "messages is not a list")
     for m in index["messages"]:
