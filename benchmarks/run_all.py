@@ -78,9 +78,47 @@ def table_cache(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ms(x: float) -> str:
+    return f"{x:,.0f} ms" if x >= 100 else f"{x:.1f} ms"
+
+
 def table_sessions(r: dict[str, Any]) -> str:
-    lines = ["| KV dtype | context | save after a 64-token turn | bytes written | ratio vs 256 |",
-             "|---|---:|---:|---:|---:|"]
+    lines: list[str] = []
+    rows = r.get("side_by_side")
+    if rows:
+        g = r["goals"]
+        for heat, what in (("warm", "files in the page cache"), ("cold", "each side's files evicted first")):
+            lines += [
+                f"Load, {heat} ({what}); best of {r['rounds']}, sides alternating:",
+                "",
+                f"| cache | context | file MB (kvchat / mlx-lm) | kvchat load {heat} | mlx-lm load {heat} | plain read {heat} | "
+                f"kvchat/mlx-lm (goal <= {g['load_kvchat_vs_mlx_lm_max']}) | vs plain read (goal >= {g['load_vs_plain_read_min']}) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for row in rows:
+                x = row["load"][heat]
+                lines.append(
+                    f"| {row['cache']} | {row['context_tokens']:,} | {row['kvchat_bytes'] / 1e6:,.1f} / "
+                    f"{row['mlx_lm_bytes'] / 1e6:,.1f} | {_ms(x['kvchat']['best_ms'])} | {_ms(x['mlx_lm']['best_ms'])} | "
+                    f"{_ms(x['plain_read']['best_ms'])} | {x['kvchat_vs_mlx_lm']:.2f} | {x['vs_plain_read']:.2f} |"
+                )
+            lines.append("")
+        lines += [
+            f"First save of a new session; best of {r['rounds']}, sides alternating:",
+            "",
+            f"| cache | context | kvchat save | mlx-lm save + fsync | kvchat/mlx-lm (goal <= "
+            f"{g['first_save_kvchat_vs_mlx_lm_max']}) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            s = row["first_save"]
+            lines.append(
+                f"| {row['cache']} | {row['context_tokens']:,} | {_ms(s['kvchat']['best_ms'])} | "
+                f"{_ms(s['mlx_lm_fsync']['best_ms'])} | {s['kvchat_vs_mlx_lm']:.2f} |"
+            )
+        lines += ["", "Autosave:", ""]
+    lines += ["| KV dtype | context | save after a 64-token turn | bytes written | ratio vs 256 |",
+              "|---|---:|---:|---:|---:|"]
     for a in r["autosave"]:
         base = a["rows"][0]["turn_save_s_median"]
         for row in a["rows"]:
