@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import mlx.core as mx
 
 from .config import CacheConfig
-from .quantize import Codec
+from .quantize import Codec, quantized_attention_available, rotated_attention_enabled
 
 
 @dataclass(frozen=True)
 class KVShape:
-    """What a model's attention needs per token: enough to predict KV bytes."""
+    """What a model's attention needs per token: enough to predict KV bytes.
+
+    The widths after `dtype_size` (0 when unknown) size the scratch memory of
+    a prefill step (:func:`prefill_scratch`); KV predictions do not need them.
+    """
 
     n_layers: int
     n_kv_heads: int
     head_dim: int
-    dtype_size: int = 2  # bytes per K/V element in float storage
+    dtype_size: int = 2  # bytes per K/V element in float storage (also the activations' float type)
+    n_heads: int = 0  # query heads (0: as many as KV heads)
+    hidden_size: int = 0
+    intermediate_size: int = 0
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -102,6 +110,124 @@ def max_window(shape: KVShape, config: CacheConfig, budget_bytes: int, checkpoin
     return (room - fp_head) // per - sinks
 
 
+#: Copies of one layer's attention scores a prefill step may hold at once, in the
+#: model's float type. Measured with MLX 0.32 on the CPU: about 1.2 for both the
+#: fused attention and the quantized-matmul path (scores, masked scores and
+#: softmax share buffers where MLX can donate them); 2 leaves room for backends
+#: that donate less.
+SCORE_COPIES = 2
+PREFILL_CHUNK_MAX = 512  # the engine's prefill step when memory is no concern
+PREFILL_CHUNK_MIN = 32  # the smallest step a tight budget shrinks it to
+
+
+def prefill_scratch(shape: KVShape, config: CacheConfig, chunk: int, context: int) -> int:
+    """Upper bound on the memory one prefill step of `chunk` tokens needs besides the cache.
+
+    `context` is how many tokens the cache holds before the step. Layers run one
+    after another, so one layer's worth counts:
+
+    * attention scores, query heads x chunk x keys (keys = tokens held + chunk),
+      :data:`SCORE_COPIES` copies in the float type plus a one-byte mask;
+    * a copy of one layer's K/V buffer (a full cache's old buffer while it
+      grows; a rotating window's position-ordered copy with the chunk appended);
+    * for a quantized cache, K and V of one layer dequantized to floats, up to
+      three copies alive (decoded, and with the float head of a ``keep_fp``
+      cache in front): the path taken where quantized attention is not
+      available;
+    * the chunk's activations (residual, attention and MLP widths), when the
+      shape knows them.
+
+    Scores grow with the context, so a fixed chunk costs more the longer the
+    chat; :func:`prefill_chunk` shrinks the chunk to keep this within a budget.
+    """
+    if chunk <= 0:
+        return 0
+    held = min(context, config.capacity) if config.capacity else context
+    keys = held + chunk
+    heads = shape.n_heads or shape.n_kv_heads
+    dt = shape.dtype_size
+    scores = heads * chunk * keys * (SCORE_COPIES * dt + 1)
+    # one layer's K/V buffer: the old one while a full cache grows, the position-ordered copy a rotating one makes
+    buffers = keys * (bytes_per_token(shape, config) // max(1, shape.n_layers))
+    # decoded K and V, and the same with the float head in front, while the decoded ones are still alive
+    dequant = 3 * 2 * keys * shape.n_kv_heads * shape.head_dim * dt if attends_dequantized(shape, config) else 0
+    width = 8 * shape.hidden_size + 4 * shape.intermediate_size + 2 * heads * shape.head_dim
+    activations = chunk * width * dt
+    return scores + buffers + dequant + activations
+
+
+def attends_dequantized(shape: KVShape, config: CacheConfig) -> bool:
+    """Whether a cache of `config` attends over dequantized K/V (rather than quantized matmuls).
+
+    The same decision the caches make (see ``mlx_cache.kinds``): mixed bits, a
+    float head, rotation without rotated attention, or a backend without a
+    quantized-matmul kernel for these shapes.
+    """
+    if not config.quantized:
+        return False
+    if config.k_bits is None or config.k_bits != config.v_bits or config.keep_fp:
+        return True
+    if config.rotate and not rotated_attention_enabled():
+        return True
+    return not quantized_attention_available(config.k_bits, config.group_size, shape.head_dim, shape.dtype)
+
+
+def prefill_chunk(shape: KVShape, config: CacheConfig, context: int, room: int,
+                  largest: int = PREFILL_CHUNK_MAX, smallest: int = PREFILL_CHUNK_MIN) -> int:
+    """The prefill step at `context` tokens: `largest`, halved until its scratch fits in `room`.
+
+    Never below `smallest` (returned even when it does not fit: the caller
+    decides whether the turn may run at all).
+    """
+    chunk = largest
+    while chunk > smallest and prefill_scratch(shape, config, chunk, context) > room:
+        chunk //= 2
+    return max(chunk, smallest)
+
+
+def turn_scratch(shape: KVShape, config: CacheConfig, prompt_tokens: int, tokens_needed: int) -> int:
+    """Most scratch memory a turn needs besides the cache: its last prefill step at the
+    smallest chunk (the engine shrinks the chunk to that at most), or its last decode step."""
+    return max(prefill_scratch(shape, config, PREFILL_CHUNK_MIN, prompt_tokens),
+               prefill_scratch(shape, config, 1, tokens_needed))
+
+
+def max_window_in_budget(shape: KVShape, config: CacheConfig, budget_bytes: int) -> int:
+    """:func:`max_window` (with the checkpoint) that also leaves room for a turn's scratch. May be <= 0."""
+    top = max_window(shape, config, budget_bytes)
+    sinks = config.sinks if config.kind == "rotating" else 0
+
+    def fits(window: int) -> bool:
+        sized = replace(config, kind="rotating", window=window, sinks=sinks)
+        n = window + sinks
+        return 2 * predict(shape, sized, n)[1] + turn_scratch(shape, sized, n, n) <= budget_bytes
+
+    if top < 1 or not fits(1):
+        return min(top, 0)
+    lo, hi = 1, top  # the largest window that fits; the cache and its scratch both grow with it
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def max_context(shape: KVShape, config: CacheConfig, budget_bytes: int) -> int:
+    """Longest context (a multiple of 256) whose growing cache and a turn's scratch fit in `budget_bytes`."""
+    step = 256
+    lo, hi = 0, max(0, budget_bytes // bytes_per_token(shape, config)) // step
+    while lo < hi:  # the largest k with 256k tokens fitting; both terms grow with k
+        k = (lo + hi + 1) // 2
+        n = k * step
+        if predict(shape, config, n)[1] + turn_scratch(shape, config, n, n) <= budget_bytes:
+            lo = k
+        else:
+            hi = k - 1
+    return lo * step
+
+
 def available_system_memory() -> int:
     """Bytes of RAM the OS reports as available (MemAvailable), or total as a fallback."""
     try:
@@ -157,21 +283,26 @@ def spare_kv_bytes(weights_bytes: int, working_set: int | None, available: int, 
     return max(0, spare - margin_bytes)
 
 
+MAX_SIZE = 1 << 60  # a size beyond an exbibyte is a typo
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
 
 
 def parse_size(text: str) -> int:
     """Parse '2GB', '512M', '1.5 GiB' or plain bytes; raises ValueError with a clear message."""
+    bad = ValueError(f"{text!r} is not a size: write it like 2GB, 512MB or 1073741824.")
+    if not isinstance(text, str):
+        raise bad
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
     try:
         value = float(num)
     except ValueError:
-        raise ValueError(f"{text!r} is not a size: write it like 2GB, 512MB or 1073741824.") from None
-    if unit not in _UNITS or value < 0:
-        raise ValueError(f"{text!r} is not a size: write it like 2GB, 512MB or 1073741824.")
+        raise bad from None
+    if unit not in _UNITS or not math.isfinite(value) or value < 0 or value * _UNITS[unit] > MAX_SIZE:
+        raise bad
     return int(value * _UNITS[unit])
 
 

@@ -28,12 +28,19 @@ import mlx.core as mx
 
 from mlx_cache import CacheConfig, Checkpoint, measure, predict
 from mlx_cache.kinds import make_caches
-from mlx_cache.memory import max_window
+from mlx_cache.memory import (
+    PREFILL_CHUNK_MAX,
+    PREFILL_CHUNK_MIN,
+    max_window_in_budget,
+    prefill_chunk,
+    prefill_scratch,
+    turn_scratch,
+)
 
 from .sample import Sampler, SamplingConfig
 from .template import Message, common_prefix, continue_tokens, encode_chat, render
 
-PREFILL_CHUNK = 512  # a multiple of the caches' 256-token step keeps allocation predictable
+PREFILL_CHUNK = PREFILL_CHUNK_MAX  # 512: a multiple of the caches' 256-token step keeps allocation predictable
 MIN_WINDOW = 64  # smallest rotating window the budget may force: less is no conversation
 
 
@@ -95,6 +102,10 @@ class ChatState:
     tokens: list[int] = field(default_factory=list)
     # (position, per-layer checkpoints) at the end of the last prompt, for rotating caches
     checkpoint: tuple[int, list[Checkpoint]] | None = None
+    # The cache is a saved session's (opened from disk, or saved since): the KV
+    # budget refuses a turn that does not fit rather than switch it to a
+    # rotating window, which the next save would store over the session's KV.
+    stored: bool = False
 
     def dtype(self) -> str | None:
         """The float type keys and values are computed in ('float16', ...), once known."""
@@ -186,11 +197,11 @@ class Engine:
         target = self.prompt(state, messages)
         self._check_context(state, len(target))
         sampling = self._fit_context(state, len(target), sampling)
-        switched = self._fit_budget(state, len(target) + sampling.max_tokens)
+        switched = self._fit_budget(state, len(target), len(target) + sampling.max_tokens)
 
         reused, restored = self._reuse(state, target)
         t_prefill = time.perf_counter()
-        self._prefill(state, target[reused:-1])
+        self._prefill(state, target[reused:-1], self._scratch_room(state, len(target) + sampling.max_tokens))
         prefilled = len(target) - reused
         # A window that wraps during the answer cannot be trimmed back for
         # "regenerate": keep a copy of the cache at the end of the prompt, but
@@ -231,23 +242,70 @@ class Engine:
             return sampling
         return sampling.with_(max_tokens=max(1, limit - n))
 
-    def _fit_budget(self, state: ChatState, tokens_needed: int) -> bool:
-        """Keep the cache (and a rotating cache's checkpoint) within the KV budget.
+    # -- the KV budget ------------------------------------------------------------
+    def kv_need(self, config: CacheConfig, tokens: int) -> int:
+        """Bytes the cache takes at `tokens` tokens: a rotating one at its full
+        capacity, twice over (the checkpoint kept for "regenerate" once the window
+        wraps is a copy of it)."""
+        shape = self.loaded.kv_shape
+        if config.kind == "rotating":
+            return 2 * predict(shape, config, config.capacity or 0)[1]
+        return predict(shape, config, tokens)[1]
 
-        Returns True if the chat switched to a rotating window. A rotating
-        cache is checked at its full capacity, twice over: the checkpoint kept
-        for "regenerate" once the window wraps is a copy of it.
+    def scratch_need(self, config: CacheConfig, prompt_tokens: int, tokens_needed: int) -> int:
+        """Most scratch memory a turn needs besides the cache (see mlx_cache.memory.turn_scratch)."""
+        return turn_scratch(self.loaded.kv_shape, config, prompt_tokens, tokens_needed)
+
+    def check_stored_session(self, name: str, config: CacheConfig, tokens: int) -> None:
+        """Refuse, before anything is loaded, a saved session whose KV does not fit the budget.
+
+        Counts what loading it allocates and the next decode step's scratch.
+        Raises :class:`BudgetExceeded` with one sentence; the session on disk is
+        never touched (opening it under a window would have the next save
+        replace its KV with the window's).
+        """
+        if self.kv_budget is None:
+            return
+        need = self.kv_need(config, tokens) + prefill_scratch(self.loaded.kv_shape, config, 1, tokens)
+        if need > self.kv_budget:
+            raise BudgetExceeded(
+                f"Session {name!r} needs about {_mib(need)} of KV cache ({tokens:,} tokens, {config.label()}) "
+                f"but the KV budget is {_mib(self.kv_budget)}: raise the budget (--kv-budget, or F9 in the app) "
+                "to open it; the session is left as it is."
+            )
+
+    def within_budget(self, config: CacheConfig, prompt_tokens: int, tokens_needed: int) -> bool:
+        if self.kv_budget is None:
+            return True
+        need = self.kv_need(config, tokens_needed) + self.scratch_need(config, prompt_tokens, tokens_needed)
+        return need <= self.kv_budget
+
+    def _scratch_room(self, state: ChatState, tokens_needed: int) -> int | None:
+        """What the budget leaves for prefill scratch once the cache has what it needs (None: no budget)."""
+        if self.kv_budget is None:
+            return None
+        return self.kv_budget - self.kv_need(state.config, tokens_needed)
+
+    def _fit_budget(self, state: ChatState, prompt_tokens: int, tokens_needed: int) -> bool:
+        """Keep the cache, a rotating cache's checkpoint and the prefill scratch within the KV budget.
+
+        Returns True if the chat switched to a rotating window. A chat whose
+        cache is a saved session's is never switched: it is refused instead.
         """
         if self.kv_budget is None:
             return False
         shape = self.loaded.kv_shape
         config = state.config
-        if config.kind == "rotating":
-            allocated = 2 * predict(shape, config, config.capacity or 0)[1]
-        else:
-            allocated = predict(shape, config, tokens_needed)[1]
+        kv = self.kv_need(config, tokens_needed)
+        allocated = kv + self.scratch_need(config, prompt_tokens, tokens_needed)
         if allocated <= self.kv_budget:
             return False
+        if state.stored:
+            raise BudgetExceeded(
+                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.kv_budget)}: "
+                "raise --kv-budget (F9 in the app) or start a new chat (a saved chat is never switched to a "
+                "smaller window to fit, which would replace its saved KV)."
+            )
         if self.on_budget == "refuse":
             advice = (
                 "raise --kv-budget, quantize the cache (--kv-bits 4) or use a smaller --window"
@@ -259,8 +317,8 @@ class Engine:
                 f"{_mib(self.kv_budget)}: {advice}."
             )
         sinks = min(config.sinks, 4) if config.kind == "rotating" else 4
-        window = max_window(shape, replace(config, kind="rotating", sinks=sinks, keep_fp=min(config.keep_fp, sinks)),
-                            self.kv_budget)
+        rot = replace(config, kind="rotating", sinks=sinks, keep_fp=min(config.keep_fp, sinks))
+        window = max_window_in_budget(shape, rot, self.kv_budget)  # the window, its checkpoint and scratch
         if window < MIN_WINDOW:
             raise BudgetExceeded(
                 f"The KV budget of {_mib(self.kv_budget)} cannot hold even a {MIN_WINDOW}-token window "
@@ -310,12 +368,23 @@ class Engine:
         state.checkpoint = None
         return 0, False
 
-    def _prefill(self, state: ChatState, tokens: list[int]) -> None:
-        for i in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[i : i + PREFILL_CHUNK]
+    def prefill_chunk(self, config: CacheConfig, context: int, room: int | None) -> int:
+        """The prefill step at `context` tokens: 512, halved (down to 32) while its scratch exceeds `room`."""
+        if room is None:
+            return PREFILL_CHUNK
+        return prefill_chunk(self.loaded.kv_shape, config, context, room, PREFILL_CHUNK, PREFILL_CHUNK_MIN)
+
+    def _prefill(self, state: ChatState, tokens: list[int], room: int | None = None) -> None:
+        """Run `tokens` through the model in chunks; with a `room` for scratch, the chunk
+        shrinks as the context grows so the attention scores stay within it."""
+        i = 0
+        while i < len(tokens):
+            size = self.prefill_chunk(state.config, len(state.tokens), room)
+            chunk = tokens[i : i + size]
             self.model(mx.array(chunk)[None], cache=state.caches)
             mx.eval([c.keys for c in state.caches if getattr(c, "keys", None) is not None])
             state.tokens.extend(chunk)
+            i += len(chunk)
 
     def _step(self, state: ChatState, token: mx.array, sampler: Sampler, history: mx.array | None) -> mx.array:
         logits = self.model(token.reshape(1, 1), cache=state.caches)[0, -1]

@@ -167,7 +167,15 @@ def _kv_shape(model: Any, config: dict[str, Any]) -> KVShape:
     model(mx.array([[0]]), cache=caches)
     ours = [c for c in caches if getattr(c, "dtype", None) is not None]
     first = ours[0]
-    return KVShape(len(ours), first.n_kv_heads, first.head_dim, first.dtype.size)
+    text = {**config, **(config.get("text_config") or {})}
+
+    def width(key: str) -> int:
+        value = text.get(key)
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    return KVShape(len(ours), first.n_kv_heads, first.head_dim, first.dtype.size,
+                   n_heads=width("num_attention_heads"), hidden_size=width("hidden_size"),
+                   intermediate_size=width("intermediate_size"))
 
 
 def load_model(spec: str | None = None, progress: Progress | None = None) -> LoadedModel:

@@ -189,7 +189,7 @@ def test_empty_prompt_and_context_limit(tiny_models):
 def test_budget_switches_to_window_or_refuses(tiny_models):
     lm = tiny_models["llama"]
     per_token = 2 * 2 * 64 * 4 * 2  # layers * heads * dim * fp32 * (k+v)
-    budget = per_token * 512
+    budget = per_token * 1024  # the cache, its checkpoint and the prefill scratch
     msgs = [{"role": "user", "content": "word " * 300}]
     engine = Engine(lm, kv_budget=budget, on_budget="rotate")
     state = engine.new_state()
@@ -215,7 +215,7 @@ def test_stats_are_reported(tiny_models):
 def test_budget_bounds_a_rotating_cache_and_its_checkpoint(tiny_models):
     lm = tiny_models["llama"]
     per_token = 2 * 2 * 64 * 4 * 2
-    budget = per_token * 300
+    budget = per_token * 1024  # the cache, its checkpoint and the prefill scratch
     msgs = [{"role": "user", "content": "word " * 100}]
     cfg = CacheConfig(kind="rotating", window=1024, sinks=4)
     strict = Engine(lm, kv_budget=budget, on_budget="refuse")
