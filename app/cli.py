@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 # transformers prints a PyTorch notice at import that means nothing for MLX models.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from mlx_cache.numbers import MAX_TOKEN_COUNT, parse_number  # noqa: E402
 
 from . import __version__  # noqa: E402
 
@@ -28,22 +31,61 @@ class UserError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # argparse's default prints the whole usage
+        ours = re.match(r"argument [^:]+: (--[\w-]+ .*)\Z", message, re.S)
+        if ours:  # a sentence of our own from a flag's type function: it names the flag already
+            self.exit(EXIT_USAGE, f"kvchat: {ours.group(1)}\n")
         message = message[0].upper() + message[1:]
         self.exit(EXIT_USAGE, f"kvchat: {message}. Run '{self.prog} --help' for the options.\n")
+
+
+def _number(flag: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
+            hi_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: the flag's value, finite and in [lo, hi], or one sentence naming both."""
+
+    def parse(text: str) -> Any:
+        return parse_number(text, flag, lo, hi, integer=integer, lo_open=lo_open, hi_open=hi_open,
+                            error=argparse.ArgumentTypeError)
+
+    return parse
+
+
+def _size(flag: str) -> Callable[[str], str]:
+    """An argparse type for a memory size such as 2GB: checked, kept as text."""
+
+    def parse(text: str) -> str:
+        from mlx_cache.memory import parse_size
+
+        try:
+            value = parse_size(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a size above 0 such as 2GB, 512MB or 1073741824, not {text.strip() or repr(text)}."
+            )
+        return text
+
+    return parse
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache")
     g.add_argument("--cache", choices=["full", "rotating"], help="cache kind (default: full)")
-    g.add_argument("--window", type=int, help="rotating: recent tokens kept (default 4096)")
-    g.add_argument("--sinks", type=int, help="rotating: leading tokens never evicted (default 4)")
-    g.add_argument("--kv-bits", type=int, help="quantize keys and values to B bits (2,3,4,6,8)")
-    g.add_argument("--k-bits", type=int, help="bits for keys only")
-    g.add_argument("--v-bits", type=int, help="bits for values only")
-    g.add_argument("--kv-group-size", type=int, help="quantization group size (32, 64, 128)")
-    g.add_argument("--kv-keep-fp", type=int, help="leading tokens kept unquantized")
+    g.add_argument("--window", type=_number("--window", 1, MAX_TOKEN_COUNT, integer=True),
+                   help="rotating: recent tokens kept (default 4096)")
+    g.add_argument("--sinks", type=_number("--sinks", 0, MAX_TOKEN_COUNT, integer=True),
+                   help="rotating: leading tokens never evicted (default 4)")
+    g.add_argument("--kv-bits", type=_number("--kv-bits", 2, 8, integer=True),
+                   help="quantize keys and values to B bits (2,3,4,6,8)")
+    g.add_argument("--k-bits", type=_number("--k-bits", 2, 8, integer=True), help="bits for keys only")
+    g.add_argument("--v-bits", type=_number("--v-bits", 2, 8, integer=True), help="bits for values only")
+    g.add_argument("--kv-group-size", type=_number("--kv-group-size", 32, 128, integer=True),
+                   help="quantization group size (32, 64, 128)")
+    g.add_argument("--kv-keep-fp", type=_number("--kv-keep-fp", 0, MAX_TOKEN_COUNT, integer=True),
+                   help="leading tokens kept unquantized")
     g.add_argument("--kv-rotate", action="store_true", default=None, help="Hadamard-rotate K/V before quantizing")
-    g.add_argument("--kv-budget", help="KV memory budget such as 2GB (default: what the device can spare)")
+    g.add_argument("--kv-budget", type=_size("--kv-budget"),
+                   help="KV memory budget such as 2GB (default: what the device can spare)")
     g.add_argument("--on-budget", choices=["rotate", "refuse"], default=None,
                    help="when a chat would exceed the budget: switch to a rotating window, or refuse")
 
@@ -53,12 +95,14 @@ CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_gr
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, help="most tokens in the answer (default 512)")
-    g.add_argument("--temp", type=float, help="temperature; 0 is greedy (default 0.7)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.95)")
-    g.add_argument("--min-p", type=float, help="min-p filter (default 0.05)")
-    g.add_argument("--repetition-penalty", type=float, help="penalty for recent tokens (default 1.1)")
-    g.add_argument("--seed", type=int, help="seed for repeatable sampling")
+    g.add_argument("--max-tokens", type=_number("--max-tokens", 1, MAX_TOKEN_COUNT, integer=True),
+                   help="most tokens in the answer (default 512)")
+    g.add_argument("--temp", type=_number("--temp", 0, 100), help="temperature; 0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=_number("--top-p", 0, 1, lo_open=True), help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--min-p", type=_number("--min-p", 0, 1, hi_open=True), help="min-p filter (default 0.05)")
+    g.add_argument("--repetition-penalty", type=_number("--repetition-penalty", 0.01, 100),
+                   help="penalty for recent tokens; 1 is off (default 1.1)")
+    g.add_argument("--seed", type=_number("--seed", 0, 2**64 - 1, integer=True), help="seed for repeatable sampling")
     g.add_argument("--stop", action="append", default=None, help="extra stop string (repeatable)")
 
 
@@ -82,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a model and what fits in memory")
     i.add_argument("--model", "-m", dest="sub_model", help=argparse.SUPPRESS)
-    i.add_argument("--kv-budget", help="KV memory budget such as 2GB")
+    i.add_argument("--kv-budget", type=_size("--kv-budget"), help="KV memory budget such as 2GB")
     i.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("setup", help="fetch and convert the embedded model (done automatically on first use)")
@@ -210,6 +254,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
         explicit = any(getattr(args, f, None) is not None for f in CACHE_FLAGS)
         chat = Chat.open(engine, SessionStore(), session, cache_config=cache_config if explicit else None)
+        if chat.notice:
+            print(f"kvchat: {chat.notice}", file=sys.stderr, flush=True)
         # The session keeps its own sampling; flags given now change it.
         chat.sampling = sampling_from(args, chat.sampling)
         if args.system:
@@ -245,7 +291,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from mlx_cache import CacheConfig
-    from mlx_cache.memory import default_kv_budget, format_bytes, max_tokens, max_window
+    from mlx_cache.memory import default_kv_budget, format_bytes, max_context, max_window_in_budget
     from models.load import model_info
 
     loaded = load(_merged(args, "model"))
@@ -267,9 +313,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             # A window never runs out of context; the budget bounds the window
             # (and the copy of it kept for "regenerate").
             fits[label] = "unbounded"
-            windows[label] = max(0, min(cfg.window, max_window(loaded.kv_shape, cfg, budget)))
+            windows[label] = max(0, min(cfg.window, max_window_in_budget(loaded.kv_shape, cfg, budget)))
             continue
-        n = max_tokens(loaded.kv_shape, cfg, budget) or 0
+        n = max_context(loaded.kv_shape, cfg, budget)  # the cache and a turn's prefill scratch
         if loaded.max_context:
             n = min(n, loaded.max_context)  # the model cannot attend further anyway
         fits[label] = n

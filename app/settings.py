@@ -83,8 +83,9 @@ class Settings:
             from mlx_cache.memory import parse_size
 
             if not isinstance(kv_budget, str):
-                raise ValueError("'kv_budget' must be a size such as \"2GB\"")
-            parse_size(kv_budget)  # raises ValueError naming the bad size
+                raise ValueError(f"'kv_budget' must be a size such as \"2GB\", not {kv_budget!r}")
+            if parse_size(kv_budget) <= 0:  # parse_size raises ValueError naming a bad size
+                raise ValueError(f"'kv_budget' must be a size above 0 such as \"2GB\", not {kv_budget!r}")
         on_budget = data.get("on_budget", "rotate")
         if on_budget not in ("rotate", "refuse"):
             raise ValueError("'on_budget' must be \"rotate\" or \"refuse\"")

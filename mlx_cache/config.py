@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from .numbers import MAX_TOKEN_COUNT, check_number
+
 CacheKind = Literal["full", "rotating"]
 
 #: Bit widths MLX's affine quantization supports for KV tensors.
@@ -13,6 +15,10 @@ SUPPORTED_BITS = (2, 3, 4, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 #: Bit widths for which a Hadamard-rotated cache is offered.
 ROTATED_BITS = (3, 4, 8)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class CacheConfigError(ValueError):
@@ -37,6 +43,22 @@ class CacheConfig:
     rotate: bool = False  # Hadamard-rotate K/V before quantizing (spreads outliers)
 
     def __post_init__(self) -> None:
+        # Values also come from files (settings, session indexes): check kinds and ranges first.
+        if not isinstance(self.kind, str):
+            raise CacheConfigError(f"The cache kind must be 'full' or 'rotating', not {self.kind!r}.")
+        for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
+            if bits is not None and not _is_int(bits):
+                raise CacheConfigError(
+                    f"The {name} bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {bits!r}."
+                )
+        if not _is_int(self.group_size):
+            raise CacheConfigError(f"The KV group size must be 32, 64 or 128, not {self.group_size!r}.")
+        check_number(self.window, "The rotating window", 1, MAX_TOKEN_COUNT, integer=True, error=CacheConfigError)
+        check_number(self.sinks, "The number of attention sinks", 0, MAX_TOKEN_COUNT, integer=True,
+                     error=CacheConfigError)
+        check_number(self.keep_fp, "keep_fp", 0, MAX_TOKEN_COUNT, integer=True, error=CacheConfigError)
+        if not isinstance(self.rotate, bool):
+            raise CacheConfigError(f"rotate must be true or false, not {self.rotate!r}.")
         if self.kind not in ("full", "rotating"):
             raise CacheConfigError(f"Unknown cache kind {self.kind!r}: use 'full' or 'rotating'.")
         for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
@@ -49,13 +71,6 @@ class CacheConfig:
             raise CacheConfigError(
                 f"KV group size {self.group_size} is not supported: use 32, 64 or 128."
             )
-        if self.kind == "rotating":
-            if self.window < 1:
-                raise CacheConfigError("The rotating window must hold at least 1 token: pass --window 1 or more (4096 is the default).")
-            if self.sinks < 0:
-                raise CacheConfigError("The number of attention sinks cannot be negative.")
-        if self.keep_fp < 0:
-            raise CacheConfigError("keep_fp cannot be negative.")
         if self.kind == "rotating" and self.keep_fp > self.sinks:
             raise CacheConfigError(
                 "In a rotating cache only sink tokens can stay unquantized: "

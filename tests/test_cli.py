@@ -58,12 +58,12 @@ def test_ask_session_resumes_without_reprefill(tiny_model_dirs, tmp_path):
         (("ask", "  ", "-m", "/no/such/model"), "empty"),
         (("ask", "hi", "--frobnicate"), "nrecognized"),
         (("ask", "hi", "--kv-bits", "5"), "not supported"),
-        (("ask", "hi", "--kv-budget", "lots"), "not a size"),
+        (("ask", "hi", "--kv-budget", "lots"), "--kv-budget must be a size"),
         (("ask", "hi", "-m", "nope.gguf"), "No GGUF file"),
         (("sessions", "show", "../etc"), ""),
         (("ask", "hi", "--session", "../x"), "session name"),
-        (("ask", "hi", "--sinks", "-3"), "negative"),
-        (("ask", "hi", "--window", "0"), "--window 1 or more"),
+        (("ask", "hi", "--sinks", "-3"), "--sinks must be a whole number from 0"),
+        (("ask", "hi", "--window", "0"), "--window must be a whole number from 1"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, needle, tmp_path):
@@ -80,18 +80,26 @@ def test_prompt_longer_than_context(tiny_model_dirs, tmp_path):
 
 
 def test_info_json(tiny_model_dirs, tmp_path):
-    r = kvchat("info", "-m", str(tiny_model_dirs["qwen2"]), "--json", "--kv-budget", "1MB", home=tmp_path)
+    from mlx_cache import CacheConfig
+    from mlx_cache.memory import KVShape, max_context, max_window_in_budget
+
+    r = kvchat("info", "-m", str(tiny_model_dirs["qwen2"]), "--json", "--kv-budget", "4MB", home=tmp_path)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["architecture"] == "qwen2" and info["layers"] == 2 and info["kv_heads"] == 2
     assert info["head_dim"] == 64 and info["kv_bytes_per_token"] == 2 * 2 * 2 * 64 * 4
+    shape = KVShape(2, 2, 64, 4, n_heads=4, hidden_size=256, intermediate_size=256)
     fits = info["max_context_in_budget"]
-    assert fits["full"] == 512 and fits["q4"] > fits["q8"] > fits["full"]
-    # A window never runs out of context; the budget bounds the window and its
-    # checkpoint copy: (1 MiB / 2) / 2,048 bytes per token - 4 sinks = 252.
+    # The cache and a turn's prefill scratch share the budget: less than the
+    # 4 MiB / 2,048 bytes per token = 2,048 tokens the cache alone would take.
+    assert fits["full"] == max_context(shape, CacheConfig(), 4 << 20) and 0 < fits["full"] < 2048
+    assert fits["q4"] > fits["q8"] > fits["full"]
+    # A window never runs out of context; the budget bounds the window, its
+    # checkpoint copy and the scratch: below (4 MiB / 2) / 2,048 - 4 sinks = 1,020.
     assert fits["rotating"] == "unbounded"
-    assert info["max_window_in_budget"]["rotating"] == 252
-    assert info["max_window_in_budget"]["rotating-q4"] > 252
+    window = info["max_window_in_budget"]["rotating"]
+    assert window == max_window_in_budget(shape, CacheConfig(kind="rotating"), 4 << 20) and 0 < window < 1020
+    assert info["max_window_in_budget"]["rotating-q4"] > window
 
 
 def test_bench_quality_runs_from_the_command_line(tiny_model_dirs, tmp_path):

@@ -336,6 +336,8 @@ class ChatScreen(SessionActions, Screen[None]):
         self.kv_app.mlx.submit(_settle_memory, new_model)
         if not [m for m in chat.messages if m["role"] != "system"]:
             self._show_welcome()
+        if chat.notice:
+            self.notify(chat.notice, title=f"Opened {chat.name}", severity="warning", timeout=12)
         if message.restored:
             self._status(
                 f"Restored {chat.name}: {len(chat.state.tokens):,} tokens of KV cache from disk, "

@@ -142,7 +142,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         if budget is not None:
             from mlx_cache.memory import parse_size
 
-            parse_size(budget)  # ValueError: "'lots' is not a size: write it like 2GB ..."
+            if parse_size(budget) <= 0:  # ValueError: "'lots' is not a size: write it like 2GB ..."
+                raise ValueError("The KV budget must be above 0, such as 2GB: leave it empty for what the device can spare.")
         return self.settings.with_(model=model, cache=cache, sampling=sampling, theme=self._value("theme"),
                                    kv_budget=budget, on_budget=self._value("on_budget"))
 
