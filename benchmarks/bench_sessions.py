@@ -80,7 +80,10 @@ import mlx_cache  # noqa: E402,F401  (first: sets up the CPU BLAS before mlx.cor
 import mlx.core as mx  # noqa: E402
 
 from mlx_cache import CacheConfig, FullKVCache, make_caches, make_layer_cache  # noqa: E402
+from mlx_cache.backend import keep_freed_buffers  # noqa: E402
 from mlx_cache.store import SessionStore  # noqa: E402
+
+keep_freed_buffers()  # as kvchat does when it loads a model (models.load.load_model); mlx-lm's side gains from it too
 
 SMOLLM2 = dict(layers=30, kv_heads=3, head_dim=64)  # SmolLM2-135M's KV shape
 TURN = 64  # tokens a turn adds in part (a)

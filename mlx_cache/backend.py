@@ -31,3 +31,30 @@ def preload_blas() -> bool:
         except OSError:
             continue
     return False
+
+
+def keep_freed_buffers() -> int | None:
+    """Let MLX keep freed buffers for reuse on the CPU backend, as it does on Metal; returns the limit set.
+
+    MLX's CPU allocator keeps only 32 MB of freed memory by default, so every
+    large allocation takes fresh pages from the kernel, and touching a fresh
+    page costs more than copying into a used one (new pages fill at ~1-1.5 GB/s
+    on these machines, against ~7 GB/s for reused memory). A session's KV is a
+    few large buffers: with freed buffers kept, reopening a chat or switching
+    to another one reuses the memory the last one gave back (a 16K-token fp16
+    session loaded in ~45 ms instead of ~155 ms of page faults). A quarter of
+    the machine's memory, at most 8 GiB, may sit in that cache; the memory
+    meter shows it, and switching models clears it. Does nothing on a GPU,
+    whose allocators already keep freed buffers.
+    """
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return None  # Metal and CUDA keep freed buffers by default
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    limit = min(total // 4, 8 << 30)
+    mx.set_cache_limit(limit)
+    return limit

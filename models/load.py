@@ -182,6 +182,9 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
     """Load a model for chatting; raises ModelError with one clear sentence when it cannot."""
     say = progress or (lambda _m: None)
     name, path = resolve_model_dir(spec, progress)
+    from mlx_cache.backend import keep_freed_buffers
+
+    keep_freed_buffers()  # on the CPU, reopening a session then reuses memory instead of faulting in new pages
     t0 = time.perf_counter()
     say(f"Loading {name}...")
     try:

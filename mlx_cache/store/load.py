@@ -14,6 +14,7 @@ Two threads read and hash different blocks (both release the GIL).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from . import tensorfile
 from .errors import StoreError, corrupt
 from .index import checksum_of, kv_dtype_of
 from .layers import Layer, check_layer, n_planes, unflatten_state, window_layer
-from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header
+from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header, dtype_name
 
 _READERS = 2  # threads reading and hashing block files
 BLOCK_VERSIONS = ("1", "2")  # block/snapshot file versions this code reads
@@ -85,6 +86,8 @@ class _Planes:
         self.flat: dict[str, memoryview] = {}
         self.fixups: list[Callable[[], None]] = []
         self._names: dict[frozenset[int], set[str]] = {}
+        self.ready = threading.Event()
+        self.allocated = False
         self._templates: dict[tuple[Any, ...], tuple[Any, list[tuple[memoryview, int, int, int]]]] = {}
         self._geometry: dict[str, tuple[memoryview, tuple[int, ...], int, int, str]] = {}
 
@@ -107,24 +110,26 @@ class _Planes:
         if set(first.tensors) != self.names(0):
             raise ValueError("holds other tensors than its index says")
         direct = tensorfile.direct_writes()
-        arrays = []
+        specs = {}
         for tname, spec in first.tensors.items():
             if len(spec.shape) != 4:
                 raise ValueError(f"tensor {tname} has {len(spec.shape)} dimensions")
             layer = int(tname.partition(".")[0])
             tokens = self.fp[layer] if tname.endswith("fp") else self.padded
             code = "U32" if spec.dtype == "U32" else ST_CODES[self.dtypes[layer]]
-            shape = (spec.shape[0], spec.shape[1], tokens, spec.shape[3])
-            if direct:
-                a = mx.zeros(shape, DTYPES[ST_NAMES[code]])
-                self.buffers[tname] = a
-                arrays.append(a)
-            else:
-                self.hosts[tname] = np.zeros(shape, tensorfile._HOST[code])
+            specs[tname] = ((spec.shape[0], spec.shape[1], tokens, spec.shape[3]), DTYPES[ST_NAMES[code]])
         if direct:
-            mx.eval(arrays)
+            # allocated, not written: every byte up to n_tokens comes from the files, the rest is zeroed below
+            self.buffers = tensorfile.empty(specs)
+            mx.eval(list(self.buffers.values()))
             for tname, a in self.buffers.items():
                 self.hosts[tname] = tensorfile.host_view(a)
+        else:
+            for tname, (shape, dtype) in specs.items():
+                self.hosts[tname] = np.empty(shape, tensorfile._HOST[ST_CODES[dtype_name(dtype)]])
+        for tname, h in self.hosts.items():
+            if not tname.endswith("fp"):
+                h[:, :, self.n_tokens :, :] = 0  # the growth headroom, never read, but kept deterministic
         for tname, h in self.hosts.items():
             self.flat[tname] = memoryview(h.reshape(-1)).cast("B")
             b, hh, t, w = h.shape
@@ -205,21 +210,31 @@ def read_blocks(
                                           headers, e["key"])
         except (OSError, ValueError) as err:
             raise _read_error(name, e, err, path) from None
+        finally:
+            if k == 0:
+                planes.ready.set()  # whatever happened: the other readers stop waiting
         if header.metadata.get("format") != "kvchat-block" or header.metadata.get("version") not in BLOCK_VERSIONS:
             raise corrupt(name, f"{e['file']} is not a block file")
         if header.metadata.get("key") != e["key"]:
             raise corrupt(name, f"block {e['file']} holds another key than its index says")
 
-    one(0)  # the first block's header shapes the planes
-    if len(entries) > 1:
+    if len(entries) == 1:
+        one(0)
+    else:
         with ThreadPoolExecutor(_READERS) as pool:
-            list(pool.map(one, range(1, len(entries))))
+            list(pool.map(one, range(len(entries))))
     return planes.finish()
 
 
 def _checked_plan(planes: _Planes, entry: dict[str, Any], header: Header, first: bool) -> list[memoryview]:
-    if first:
+    if first:  # the first block's header (it has every tensor) shapes the planes; the others wait for them
         planes.allocate(header)
+        planes.allocated = True
+        planes.ready.set()
+    else:
+        planes.ready.wait()
+        if not planes.allocated:
+            raise ValueError("could not be placed: the first block is unusable")
     return planes.plan(entry, header)
 
 

@@ -121,8 +121,22 @@ def save_blocks(
     block_layers = [i for i, layer in enumerate(layers) if layer["kind"] == "blocks"]
     if not block_layers or not tokens:
         return []
-    planes = {i: caches[i].temporal_planes() for i in block_layers}
-    heads = {i: caches[i].float_head() for i in block_layers}
+    # Every plane as byte rows once; each block then names token ranges of them.
+    keep: list[Any] = []  # the MLX arrays the rows point into, alive until written
+    rows: dict[str, tensorfile.Rows] = {}
+    fp_rows: dict[int, tuple[int, tensorfile.Rows, tensorfile.Rows]] = {}
+    for i in block_layers:
+        k, v = caches[i].temporal_planes()
+        head = caches[i].float_head()
+        mx.eval(k, v, head or ())
+        for tag, group in (("k", k), ("v", v)):
+            for j, p in enumerate(group):
+                keep.append(p)
+                rows[f"{i}.{tag}.{j}"] = tensorfile.Rows.of(p)
+        if head is not None:
+            keep.extend(head)
+            fp_rows[i] = (head[0].shape[2], tensorfile.Rows.of(head[0]), tensorfile.Rows.of(head[1]))
+    names = list(rows)
     entries: list[Any] = []
     jobs = []
     for bi, key in enumerate(chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)):
@@ -131,21 +145,13 @@ def save_blocks(
         if old is not None and old["start"] == start and old["end"] == end and (writer.dir / old["file"]).is_file():
             entries.append(old)  # already on disk: the O(new tokens) part of autosave
             continue
-        arrays: dict[str, mx.array] = {}
-        for i in block_layers:
-            k, v = planes[i]
-            for j, p in enumerate(k):
-                arrays[f"{i}.k.{j}"] = p[..., start:end, :]
-            for j, p in enumerate(v):
-                arrays[f"{i}.v.{j}"] = p[..., start:end, :]
-            head = heads[i]
-            if head is not None and start < head[0].shape[2]:
-                n = min(end, head[0].shape[2])
-                arrays[f"{i}.kfp"] = head[0][..., start:n, :]
-                arrays[f"{i}.vfp"] = head[1][..., start:n, :]
-        buffers = tensorfile.encode(arrays, {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key})
+        tensors = [(name, rows[name], start, end) for name in names]
+        for i, (n_fp, fk, fv) in fp_rows.items():
+            if start < n_fp:
+                tensors += [(f"{i}.kfp", fk, start, min(end, n_fp)), (f"{i}.vfp", fv, start, min(end, n_fp))]
+        buffers = tensorfile.encode_rows(tensors, {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key})
         entries.append(None)
-        jobs.append((len(entries) - 1, key, start, end, buffers, arrays))
+        jobs.append((len(entries) - 1, key, start, end, buffers, keep))
     if not jobs:
         return entries
 

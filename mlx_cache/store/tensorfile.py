@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -96,6 +97,66 @@ def runs(a: np.ndarray) -> list[memoryview]:
     return [r for sub in a for r in runs(sub)]
 
 
+class _Unfilled(io.RawIOBase):
+    """A safetensors stream whose tensor bytes are never written: see :func:`empty`."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head, self.size, self.pos = head, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        m = memoryview(b).cast("B")
+        n = min(m.nbytes, self.size - self.pos)
+        if self.pos < len(self.head):
+            k = min(n, len(self.head) - self.pos)
+            m[:k] = self.head[self.pos : self.pos + k]
+        self.pos += n
+        return n
+
+
+def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
+    """New MLX arrays whose contents are left as the allocator gives them (the caller fills them).
+
+    MLX has no ``empty``: ``mx.zeros`` writes every byte, which for a session
+    load is a whole extra pass over the KV (a third of a 16K-token load).
+    ``mx.load`` of a stream allocates each tensor and hands its memory to the
+    stream's ``readinto``; a stream that does not write gives allocated,
+    unwritten arrays. Falls back to ``mx.zeros`` if MLX ever loads otherwise.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        code = ST_CODES[dtype_name(dtype)]
+        n = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[code]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = struct.pack("<Q", len(text)) + text
+    try:
+        arrays = mx.load(_Unfilled(head, len(head) + offset), format="safetensors")
+        if isinstance(arrays, dict) and all(
+            name in arrays and tuple(arrays[name].shape) == tuple(shape) and arrays[name].dtype == dtype
+            for name, (shape, dtype) in specs.items()
+        ):
+            return {name: arrays[name] for name in specs}
+    except (RuntimeError, ValueError, TypeError):
+        pass
+    return {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
+
+
 @functools.cache
 def direct_writes() -> bool:
     """Whether bytes written through :func:`host_view` reach MLX (true for MLX's CPU and Metal memory).
@@ -137,6 +198,59 @@ def encode(arrays: Mapping[str, mx.array], metadata: Mapping[str, str]) -> list[
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned, as safetensors recommends
+    return [struct.pack("<Q", len(text)) + text, *buffers]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A (batch, heads, tokens, width) array seen as one byte buffer of token rows per (batch, head)."""
+
+    code: str  # safetensors dtype code
+    batch: int
+    heads: int
+    width: int
+    row: int  # bytes per token
+    buffers: tuple[memoryview, ...]  # tokens 0.. of each (batch, head), contiguous
+
+    @classmethod
+    def of(cls, a: mx.array) -> "Rows":
+        """Rows of an evaluated array whose last two axes are contiguous (a cache plane or a token slice of one)."""
+        dname = str(a.dtype).rsplit(".", 1)[-1]
+        code = ST_CODES[dname]
+        view = host_view(a)
+        b, h, t, w = view.shape
+        bufs = []
+        for bi in range(b):
+            for hi in range(h):
+                part = view[bi, hi]
+                if not part.flags.c_contiguous:
+                    part = np.ascontiguousarray(part)
+                bufs.append(memoryview(part.reshape(-1)).cast("B") if part.size else memoryview(b""))
+        return cls(code, b, h, w, w * view.itemsize, tuple(bufs))
+
+    def tokens(self, start: int, end: int) -> list[memoryview]:
+        lo, hi = start * self.row, end * self.row
+        return [b[lo:hi] for b in self.buffers]
+
+
+def encode_rows(tensors: Sequence[tuple[str, Rows, int, int]], metadata: Mapping[str, str]) -> list[memoryview | bytes]:
+    """A safetensors file of token ranges: (name, rows, start, end) each become a (batch, heads, end - start, width) tensor.
+
+    Like :func:`encode`, but the bytes are taken straight from the rows' buffers
+    with no MLX slicing per tensor: a block of a quantized cache holds
+    hundreds of tensors, and slicing each through MLX cost more than writing it.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    buffers: list[memoryview | bytes] = []
+    offset = 0
+    for name, rows, start, end in tensors:
+        n = (end - start) * rows.row * rows.batch * rows.heads
+        header[name] = {"dtype": rows.code, "shape": [rows.batch, rows.heads, end - start, rows.width],
+                        "data_offsets": [offset, offset + n]}
+        buffers.extend(rows.tokens(start, end))
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *buffers]
 
 
