@@ -328,6 +328,9 @@ def compare(kind: str, n: int, rounds: int, work: Path) -> dict[str, Any]:
     mlx_file = work / "load-mlx-lm.safetensors"
     save_prompt_cache(str(mlx_file), theirs)
     del ours, theirs
+    # Both sides then load in the same allocator state: the buffers the filling left in MLX's
+    # cache (of other sizes) go, and each side's freed buffers are there for its next round.
+    mx.clear_cache()
     os.sync()  # nothing dirty left, so eviction drops every page
     kv_files = session_files(store, "s")
     kv_sizes = [p.stat().st_size for p in kv_files]

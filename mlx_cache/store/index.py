@@ -59,7 +59,19 @@ def index_bytes(index: dict[str, Any]) -> bytes:
     return b'{"checksum":"xxh3_128:' + xxhash.xxh3_128_hexdigest(body).encode() + b'",' + body[1:]
 
 
-def checksum_ok(version: int, checksum: Any, body: dict[str, Any]) -> bool:
+def checksum_ok(version: int, checksum: Any, body: dict[str, Any], raw: bytes | None = None) -> bool:
+    """Whether `checksum` is that of `body`'s canonical JSON.
+
+    A v2 file as kvchat writes it is ``{"checksum":"...",`` followed by the
+    rest of the canonical JSON, so the bytes after the checksum are hashed as
+    they are, without serializing the index again (a long chat's token list
+    made that a few milliseconds of every load); any other layout is
+    re-serialized canonically.
+    """
+    if version == 2 and raw is not None and isinstance(checksum, str):
+        prefix = b'{"checksum":"' + checksum.encode() + b'",'
+        if raw.startswith(prefix) and checksum == "xxh3_128:" + xxhash.xxh3_128_hexdigest(b"{" + raw[len(prefix):]):
+            return True
     data = canonical_json(body)
     if version == 1:
         return checksum == hashlib.sha256(data).hexdigest()

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 BLOCK_FORMAT = "kvchat-block"  # metadata "format" of a block file
 SNAPSHOT_FORMAT = "kvchat-snapshot"  # metadata "format" of a window/state snapshot file
 TENSOR_FILE_VERSION = "2"
-_WRITERS = 2  # threads writing and syncing block files
+_WRITERS = 2  # threads hashing and writing block files (CPU and memory bound)
+_SYNCERS = 8  # threads waiting on the drive to sync them (each mostly waits)
 
 
 def build_index(
@@ -77,18 +78,23 @@ class _Writer:
         except OSError:
             return False
 
-    def publish(self, stem: str, buffers: list[Any], digest: str, size: int, alt_stem: str | None) -> str:
+    def publish(self, stem: str, buffers: list[Any] | None, digest: str, size: int, alt_stem: str | None,
+                tmp: Path | None = None) -> str:
         """Write buffers under `stem` (or `alt_stem` where `stem` holds other bytes); returns the file name.
 
-        An existing file with the same bytes is shared, never rewritten: block
+        `tmp`, if given, is a temp file already holding the bytes, synced. An
+        existing file with the same bytes is shared, never rewritten: block
         files do not change once written.
         """
         path = self.dir / f"{stem}.safetensors"
         if self._same(path, size, digest):
+            if tmp is not None:
+                durable.unlink_quietly(tmp)
             return path.name
-        tmp = durable.temp_path(path)
+        if tmp is None:
+            tmp = durable.temp_path(path)
+            durable.write_new(tmp, buffers or [])
         try:
-            durable.write_new(tmp, buffers)
             if durable.link_if_absent(tmp, path) or self._same(path, size, digest):
                 return path.name
             if alt_stem is None:
@@ -149,26 +155,39 @@ def save_blocks(
         for i, (n_fp, fk, fv) in fp_rows.items():
             if start < n_fp:
                 tensors += [(f"{i}.kfp", fk, start, min(end, n_fp)), (f"{i}.vfp", fv, start, min(end, n_fp))]
-        buffers = tensorfile.encode_rows(tensors, {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key})
         entries.append(None)
-        jobs.append((len(entries) - 1, key, start, end, buffers, keep))
+        jobs.append((len(entries) - 1, key, start, end, tensors))
     if not jobs:
         return entries
 
-    def write(job: tuple[Any, ...]) -> tuple[int, dict[str, Any]]:
-        slot, key, start, end, buffers, _arrays = job  # _arrays keeps the memory the buffers point into alive
+    # Write every new block under a temp name, then sync them all at once, then name them:
+    # a file is named only once its bytes are on the drive, and the drive gets all the
+    # syncs together (one by one, a first save spent most of its time waiting on each).
+    headers: dict[Any, bytes] = {}  # block layouts seen: full blocks differ only in their key
+
+    def stage(job: tuple[Any, ...]) -> tuple[int, str, int, int, str, int, Path]:
+        slot, key, start, end, tensors = job  # `keep` holds the memory the rows point into
+        meta = {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key}
+        buffers = tensorfile.encode_rows(tensors, meta, headers)
         digest = tensorfile.digest("xxh3_128", buffers)
         size = tensorfile.size_of(buffers)
-        name = writer.publish(key, buffers, digest, size, f"{key}-{digest[:16]}")
-        return slot, {"key": key, "file": name, "start": start, "end": end, "bytes": size, "xxh3_128": digest}
+        tmp = durable.temp_path(writer.dir / f"{key}.safetensors")
+        temps.append(tmp)  # before it exists: whatever fails, the finally below removes it
+        durable.write_new(tmp, buffers, sync=False)
+        return slot, key, start, end, digest, size, tmp
 
-    if len(jobs) == 1:
-        results = [write(jobs[0])]
-    else:
+    temps: list[Path] = []
+    try:
         with ThreadPoolExecutor(_WRITERS) as pool:
-            results = list(pool.map(write, jobs))
-    for slot, entry in results:
-        entries[slot] = entry
+            staged = list(pool.map(stage, jobs))
+        with ThreadPoolExecutor(_SYNCERS) as pool:
+            list(pool.map(lambda st: durable.sync_path(st[6]), staged))
+        for slot, key, start, end, digest, size, tmp in staged:
+            name = writer.publish(key, None, digest, size, f"{key}-{digest[:16]}", tmp=tmp)
+            entries[slot] = {"key": key, "file": name, "start": start, "end": end, "bytes": size, "xxh3_128": digest}
+    finally:
+        for tmp in temps:
+            durable.unlink_quietly(tmp)
     return entries
 
 

@@ -172,7 +172,7 @@ class SessionStore:
         body = dict(obj)
         checksum = body.pop("checksum", None)
         try:
-            ok = checksum_ok(version, checksum, body)
+            ok = checksum_ok(version, checksum, body, raw)
         except ValueError:  # NaN or Infinity in the JSON: not canonical, so not ours
             ok = False
         if not ok:
