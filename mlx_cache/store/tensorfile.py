@@ -97,6 +97,9 @@ def runs(a: np.ndarray) -> list[memoryview]:
     return [r for sub in a for r in runs(sub)]
 
 
+_EMPTY_MIN = 1 << 20  # bytes from which a tensor is allocated unwritten rather than zero-filled
+
+
 class _Unfilled(io.RawIOBase):
     """A safetensors stream whose tensor bytes are never written: see :func:`empty`."""
 
@@ -135,6 +138,12 @@ def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx
     stream's ``readinto``; a stream that does not write gives allocated,
     unwritten arrays. Falls back to ``mx.zeros`` if MLX ever loads otherwise.
     """
+    # mx.load costs ~50 us a tensor: small ones are cheaper zero-filled
+    small = {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()
+             if int(np.prod(shape, dtype=np.int64)) * dtype.size < _EMPTY_MIN}
+    specs = {name: spec for name, spec in specs.items() if name not in small}
+    if not specs:
+        return small
     header: dict[str, Any] = {}
     offset = 0
     for name, (shape, dtype) in specs.items():
@@ -151,10 +160,10 @@ def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx
             name in arrays and tuple(arrays[name].shape) == tuple(shape) and arrays[name].dtype == dtype
             for name, (shape, dtype) in specs.items()
         ):
-            return {name: arrays[name] for name in specs}
+            return {**small, **{name: arrays[name] for name in specs}}
     except (RuntimeError, ValueError, TypeError):
         pass
-    return {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}
+    return {**small, **{name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()}}
 
 
 @functools.cache
