@@ -30,7 +30,7 @@ README = ROOT / "README.md"
 #: name -> the command (run from the repository root with this Python)
 COMMANDS: dict[str, list[str]] = {
     "cache": ["benchmarks/bench_cache.py"],
-    "sessions": ["benchmarks/bench_sessions.py"],
+    "sessions": ["benchmarks/bench_sessions.py", "--resume"],
     "rotation_speed": ["benchmarks/bench_rotation_speed.py"],
     "quality": ["-m", "app", "bench", "quality", "--json"],
     "tui": ["benchmarks/bench_tui.py"],
