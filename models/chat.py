@@ -78,6 +78,7 @@ class Chat:
         Raises StoreError subclasses with one clear sentence when the session is
         in use, corrupted, or was made with another model or cache layout.
         """
+        name = store.resolve(name)  # 'Trip' opens 'trip': one session whatever the letter case
         lock = store.lock(name)
         try:
             if store.exists(name):
