@@ -12,11 +12,11 @@ its keys and values come back from disk. The layout (see
     <root>/store.lock                    shared by writers and readers, exclusive for gc
 
 One module per concept: ``errors`` (one-sentence failures, names), ``durable``
-(every write, sync, link and rename), ``tensorfile`` (safetensors straight
-from and into MLX memory, checksums), ``index`` (schema, versions, values),
-``locks``, ``layers`` (what a cache hands over), ``save``, ``load``,
-``manage`` (rename, remove, fork, gc), ``export``, and the ``SessionStore``
-facade. Only mlx, numpy, xxhash, platformdirs and the standard library are
+(every write, sync, link and rename), ``hostmem`` (MLX memory as byte
+buffers), ``tensorfile`` (safetensors files, checksums), ``index`` (schema,
+versions, values), ``locks``, ``layers`` (what a cache hands over), ``save``,
+``load``, ``prefix`` (a new chat borrowing stored blocks), ``manage`` (rename,
+remove, fork, gc), ``export``, and the ``SessionStore`` facade. Only mlx, numpy, xxhash, platformdirs and the standard library are
 imported here.
 """
 

@@ -240,6 +240,44 @@ def validate(index: dict[str, Any], version: int) -> None:
               and all(_int(o) for o in cp["offsets"]), "the checkpoint's offsets")
 
 
+def parse_index(name: str, raw: bytes, path: object) -> tuple[dict[str, Any], int]:
+    """(verified index, format version) of session `name` from its file's bytes: format, version, checksum, schema.
+
+    Raises SessionCorrupt with one sentence for anything else.
+    """
+    from .errors import SessionCorrupt, corrupt
+
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise corrupt(name, "its index is not valid JSON, probably truncated or overwritten") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise SessionCorrupt(
+            f"The index of session {name!r} is not a kvchat session file: "
+            f"move {path} away or remove it with 'kvchat sessions rm {name}'."
+        )
+    version = obj.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise SessionCorrupt(
+            f"Session {name!r} uses session format version {version!r} but this kvchat reads only "
+            f"versions {readable}: open it with the kvchat that wrote it, or upgrade kvchat."
+        )
+    body = dict(obj)
+    checksum = body.pop("checksum", None)
+    try:
+        ok = checksum_ok(version, checksum, body, raw)
+    except ValueError:  # NaN or Infinity in the JSON: not canonical, so not ours
+        ok = False
+    if not ok:
+        raise corrupt(name, "its index fails its checksum")
+    try:
+        validate(body, version)
+    except SchemaError as e:
+        raise corrupt(name, f"its index is malformed: {e}") from None
+    return body, version
+
+
 # -- values read from an index ------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 from ..config import CacheConfig
 from ..kinds import Checkpoint, FullKVCache, RotatingKVCache
 from .errors import StoreError
-from .tensorfile import dtype_name
+from .hostmem import dtype_name
 
 
 def kind_of(c: Any) -> str:

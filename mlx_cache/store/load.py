@@ -23,11 +23,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import CacheConfig
-from . import tensorfile
+from . import hostmem, tensorfile
 from .errors import StoreError, corrupt
 from .index import checksum_of, kv_dtype_of
 from .layers import Layer, check_layer, n_planes, unflatten_state, window_layer
-from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header, dtype_name
+from .hostmem import dtype_name
+from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header
 
 _READERS = 2  # threads reading and hashing block files
 BLOCK_VERSIONS = ("1", "2")  # block/snapshot file versions this code reads
@@ -109,7 +110,7 @@ class _Planes:
         """Allocate every plane, shaped after the first block's tensors."""
         if set(first.tensors) != self.names(0):
             raise ValueError("holds other tensors than its index says")
-        direct = tensorfile.direct_writes()
+        direct = hostmem.direct_writes()
         specs = {}
         for tname, spec in first.tensors.items():
             if len(spec.shape) != 4:
@@ -120,13 +121,13 @@ class _Planes:
             specs[tname] = ((spec.shape[0], spec.shape[1], tokens, spec.shape[3]), DTYPES[ST_NAMES[code]])
         if direct:
             # allocated, not written: every byte up to n_tokens comes from the files, the rest is zeroed below
-            self.buffers = tensorfile.empty(specs)
+            self.buffers = hostmem.empty(specs)
             mx.eval(list(self.buffers.values()))
             for tname, a in self.buffers.items():
-                self.hosts[tname] = tensorfile.host_view(a)
+                self.hosts[tname] = hostmem.host_view(a)
         else:
             for tname, (shape, dtype) in specs.items():
-                self.hosts[tname] = np.empty(shape, tensorfile._HOST[ST_CODES[dtype_name(dtype)]])
+                self.hosts[tname] = np.empty(shape, hostmem.HOST[ST_CODES[dtype_name(dtype)]])
         for tname, h in self.hosts.items():
             if not tname.endswith("fp"):
                 h[:, :, self.n_tokens :, :] = 0  # the growth headroom, never read, but kept deterministic
@@ -173,21 +174,21 @@ class _Planes:
 
     def _converted(self, tname: str, code: str, host_code: str, shape: tuple[int, ...], start: int, n: int) -> list[memoryview]:
         """A block in another float type than the session's (stored by an older kvchat): convert after reading."""
-        scratch = tensorfile.host_array(shape, code)
+        scratch = hostmem.host_array(shape, code)
 
         def fix() -> None:
-            x = tensorfile.from_host(scratch, code).astype(DTYPES[ST_NAMES[host_code]])
-            self.hosts[tname][:, :, start : start + n, :] = tensorfile.host_view(x)
+            x = hostmem.from_host(scratch, code).astype(DTYPES[ST_NAMES[host_code]])
+            self.hosts[tname][:, :, start : start + n, :] = hostmem.host_view(x)
 
         self.fixups.append(fix)
-        return tensorfile.runs(scratch)
+        return hostmem.runs(scratch)
 
     def finish(self) -> dict[str, mx.array]:
         for fix in self.fixups:
             fix()
         if self.buffers:
             return self.buffers
-        return {k: tensorfile.from_host(h, "BF16" if h.dtype == np.uint16 else "") for k, h in self.hosts.items()}
+        return {k: hostmem.from_host(h, "BF16" if h.dtype == np.uint16 else "") for k, h in self.hosts.items()}
 
 
 def read_blocks(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import mlx.core as mx
 
 from ..config import CacheConfig
-from . import durable, tensorfile
+from . import durable, hostmem, tensorfile
 from .index import BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of
 from .layers import checkpoint_arrays, describe, snapshot_arrays
 
@@ -129,8 +129,8 @@ def save_blocks(
         return []
     # Every plane as byte rows once; each block then names token ranges of them.
     keep: list[Any] = []  # the MLX arrays the rows point into, alive until written
-    rows: dict[str, tensorfile.Rows] = {}
-    fp_rows: dict[int, tuple[int, tensorfile.Rows, tensorfile.Rows]] = {}
+    rows: dict[str, hostmem.Rows] = {}
+    fp_rows: dict[int, tuple[int, hostmem.Rows, hostmem.Rows]] = {}
     for i in block_layers:
         k, v = caches[i].temporal_planes()
         head = caches[i].float_head()
@@ -138,10 +138,10 @@ def save_blocks(
         for tag, group in (("k", k), ("v", v)):
             for j, p in enumerate(group):
                 keep.append(p)
-                rows[f"{i}.{tag}.{j}"] = tensorfile.Rows.of(p)
+                rows[f"{i}.{tag}.{j}"] = hostmem.Rows.of(p)
         if head is not None:
             keep.extend(head)
-            fp_rows[i] = (head[0].shape[2], tensorfile.Rows.of(head[0]), tensorfile.Rows.of(head[1]))
+            fp_rows[i] = (head[0].shape[2], hostmem.Rows.of(head[0]), hostmem.Rows.of(head[1]))
     names = list(rows)
     entries: list[Any] = []
     jobs = []

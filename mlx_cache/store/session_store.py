@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,7 +10,6 @@ from ..config import CacheConfig
 from ..kinds import FullKVCache
 from . import durable, locks
 from .errors import (
-    SessionCorrupt,
     SessionMismatch,
     StoreError,
     check_name,
@@ -20,18 +18,11 @@ from .errors import (
     write_failed,
 )
 from .index import (
-    BLOCK_TOKENS,
-    FORMAT_NAME,
-    READABLE_VERSIONS,
-    SchemaError,
     SessionData,
     SessionMeta,
-    canonical_json,
-    chain_keys,
-    checksum_ok,
     index_bytes,
     meta_of,
-    validate,
+    parse_index,
 )
 from .layers import fill, kind_of
 from .load import read_layers, read_snapshot
@@ -153,35 +144,7 @@ class SessionStore:
     def index(self, name: str, raw: bytes | None = None) -> tuple[dict[str, Any], int]:
         """(verified index, format version) of `name`: format, version, checksum and schema."""
         raw = self.raw_index(name) if raw is None else raw
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise corrupt(name, "its index is not valid JSON, probably truncated or overwritten") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-            raise SessionCorrupt(
-                f"The index of session {name!r} is not a kvchat session file: "
-                f"move {self.index_path(name)} away or remove it with 'kvchat sessions rm {name}'."
-            )
-        version = obj.get("version")
-        if isinstance(version, bool) or version not in READABLE_VERSIONS:
-            readable = ", ".join(map(str, READABLE_VERSIONS))
-            raise SessionCorrupt(
-                f"Session {name!r} uses session format version {version!r} but this kvchat reads only "
-                f"versions {readable}: open it with the kvchat that wrote it, or upgrade kvchat."
-            )
-        body = dict(obj)
-        checksum = body.pop("checksum", None)
-        try:
-            ok = checksum_ok(version, checksum, body, raw)
-        except ValueError:  # NaN or Infinity in the JSON: not canonical, so not ours
-            ok = False
-        if not ok:
-            raise corrupt(name, "its index fails its checksum")
-        try:
-            validate(body, version)
-        except SchemaError as e:
-            raise corrupt(name, f"its index is malformed: {e}") from None
-        return body, version
+        return parse_index(name, raw, self.index_path(name))
 
     def check_files(self, name: str, index: dict[str, Any]) -> None:
         from .index import file_entries
@@ -389,60 +352,10 @@ class SessionStore:
 
     def load_prefix(self, model_fingerprint: str, cache_config: CacheConfig, tokens: Sequence[int], caches: Sequence[Any],
                     kv_dtype: str | None = None) -> int:
-        """Load the longest stored block-aligned prefix of `tokens` into empty `caches`.
+        """Load the longest stored block-aligned prefix of `tokens` into empty `caches`; see :func:`prefix.load_prefix`."""
+        from .prefix import load_prefix
 
-        For a new chat: any session made with the same model, cache layout and
-        float type whose leading blocks hold the same token ids lends them.
-        Returns the number of tokens loaded (0 if none), never more than
-        ``len(tokens) - 1`` so the engine still has a token to run. Problems
-        with other sessions' files are not errors here: the chat just prefills.
-        """
-        if not caches or not all(isinstance(c, FullKVCache) and c.offset == 0 for c in caches):
-            return 0
-        usable = (len(tokens) - 1) // BLOCK_TOKENS
-        if usable <= 0 or not self.sessions_dir.is_dir():
-            return 0
-        config_json = canonical_json(cache_config.to_dict())
-        wanted = chain_keys(model_fingerprint, config_json, [int(t) for t in tokens[: usable * BLOCK_TOKENS]], BLOCK_TOKENS)
-        position = {key: i for i, key in enumerate(wanted)}
-        best: tuple[int, str, dict[str, Any]] | None = None
-        store_lock = self.store_lock(write=False)
-        try:
-            for name in self.names():
-                try:
-                    index, _ = self.index(name)
-                except StoreError:
-                    continue
-                kv = index["kv"]
-                from .index import kv_dtype_of
-
-                if (
-                    index["model"]["fingerprint"] != model_fingerprint
-                    or CacheConfig.from_dict(index["cache_config"]) != cache_config
-                    or kv["block_tokens"] != BLOCK_TOKENS
-                    or (kv_dtype is not None and kv_dtype_of(index) != kv_dtype)
-                    or len(kv["layers"]) != len(caches)
-                    or any(layer["kind"] != "blocks" or layer["config"] != c.config.to_dict() for layer, c in zip(kv["layers"], caches))
-                ):
-                    continue
-                for n, e in enumerate(kv["blocks"]):
-                    i = position.get(e["key"])
-                    if i is None or i != n or e["end"] != (i + 1) * BLOCK_TOKENS:
-                        break
-                    if best is None or i + 1 > best[0]:
-                        best = (i + 1, name, index)
-            if best is None:
-                return 0
-            n_blocks, name, index = best
-            try:
-                layers = read_layers(name, self.blocks_dir, index, pad_to=FullKVCache.step, n_blocks=n_blocks)
-            except StoreError:
-                return 0
-        finally:
-            store_lock.release()
-        for c, layer in zip(caches, layers):
-            fill(c, layer)
-        return n_blocks * BLOCK_TOKENS
+        return load_prefix(self, model_fingerprint, cache_config, tokens, caches, kv_dtype)
 
     # -- managing and exporting (see manage.py and export.py) ----------------------------
     def rename(self, old: str, new: str) -> None:
