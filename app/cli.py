@@ -431,5 +431,29 @@ def _is_user_facing(e: Exception) -> bool:
     return isinstance(e, StoreError)
 
 
+def run() -> None:
+    """The `kvchat` command: main(), then leave without running C++ teardown.
+
+    Everything kvchat writes is synced before it counts (sessions, settings),
+    so nothing is lost by skipping interpreter teardown; what it skips is a
+    race at exit between OpenBLAS's worker threads and the libraries unloading
+    around them, which now and then hung the process or aborted it
+    ("malloc_consolidate(): unaligned fastbin chunk detected") after its work
+    was done. With one BLAS thread it never happened; without OpenBLAS neither.
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's exit 2, --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

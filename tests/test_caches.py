@@ -162,7 +162,8 @@ def test_rotated_attention_rotates_queries_instead_of_the_cache(tiny_models, tok
         assert not caches[0]._qattn
     finally:
         qmod.quantized_attention_available.cache_clear()
-    assert all(mx.allclose(a, b, atol=1e-4).item() for a, b in zip(fast, slow))
+    # the two paths sum in another order; with OpenBLAS's float32 kernels the logits differ by up to ~1.2e-4
+    assert all(mx.allclose(a, b, atol=5e-4).item() for a, b in zip(fast, slow))
 
 
 @pytest.mark.parametrize(
