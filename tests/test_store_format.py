@@ -113,6 +113,10 @@ def test_a_one_bit_flip_anywhere_in_any_file_is_refused_and_left_alone(engine, t
     chat.close()
     files = sorted(p for p in store.root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors"))
     assert len(files) >= 2
+    from mlx_cache.store.index import file_entries
+
+    named = {e["file"] for e in file_entries(json.loads((store.sessions_dir / "s.json").read_text()))}
+    assert {p.name for p in files if p.suffix == ".safetensors"} == named  # a save leaves no file behind that it replaced
     for path in files:
         size = path.stat().st_size
         # every byte of the header region, then positions spread over the data
@@ -123,6 +127,7 @@ def test_a_one_bit_flip_anywhere_in_any_file_is_refused_and_left_alone(engine, t
             caches = [make_layer_cache(config) for _ in range(len(chat.state.caches))]
             with pytest.raises(SessionCorrupt):
                 store.load("s", caches)
+                pytest.fail(f"a flip at byte {pos} of {path.name} ({size} bytes) loaded")
             assert digests(store.root) == before  # refused and left as it is
             _flip(path, pos)  # put it back
     caches = [make_layer_cache(config) for _ in range(len(chat.state.caches))]

@@ -51,31 +51,29 @@ def canonical_json(obj: Any) -> bytes:
 def index_bytes(index: dict[str, Any]) -> bytes:
     """A version-2 index file: canonical JSON with its xxh3-128 checksum as the first key.
 
-    Readers parse it, drop "checksum", re-serialize canonically and compare, so
-    the key order written here does not matter; putting the checksum first
-    saves serializing a long token list twice.
+    The checksum covers the bytes that follow it (see :func:`checksum_ok`).
     """
     body = canonical_json(index)
     return b'{"checksum":"xxh3_128:' + xxhash.xxh3_128_hexdigest(body).encode() + b'",' + body[1:]
 
 
-def checksum_ok(version: int, checksum: Any, body: dict[str, Any], raw: bytes | None = None) -> bool:
-    """Whether `checksum` is that of `body`'s canonical JSON.
+def checksum_ok(version: int, checksum: Any, body: dict[str, Any], raw: bytes) -> bool:
+    """Whether the index file's bytes pass their checksum.
 
-    A v2 file as kvchat writes it is ``{"checksum":"...",`` followed by the
-    rest of the canonical JSON, so the bytes after the checksum are hashed as
-    they are, without serializing the index again (a long chat's token list
-    made that a few milliseconds of every load); any other layout is
-    re-serialized canonically.
+    Version 2: the file is ``{"checksum":"xxh3_128:<hex>",`` and then the rest
+    of the canonical JSON, as :func:`index_bytes` writes it, and the checksum
+    covers those bytes exactly. (Checking the canonical JSON of the parsed
+    value instead would let a flipped digit through where it names the same
+    number, as the last digits of a long float can.) Version 1 hashed the
+    canonical JSON of the parsed value with sha256; its files are checked
+    that way.
     """
-    if version == 2 and raw is not None and isinstance(checksum, str):
-        prefix = b'{"checksum":"' + checksum.encode() + b'",'
-        if raw.startswith(prefix) and checksum == "xxh3_128:" + xxhash.xxh3_128_hexdigest(b"{" + raw[len(prefix):]):
-            return True
-    data = canonical_json(body)
     if version == 1:
-        return checksum == hashlib.sha256(data).hexdigest()
-    return checksum == "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+        return checksum == hashlib.sha256(canonical_json(body)).hexdigest()
+    if not isinstance(checksum, str):
+        return False
+    prefix = b'{"checksum":"' + checksum.encode() + b'",'
+    return raw.startswith(prefix) and checksum == "xxh3_128:" + xxhash.xxh3_128_hexdigest(b"{" + raw[len(prefix):])
 
 
 def block_key(prev_key: str, fingerprint: str, config_json: bytes, tokens: Sequence[int]) -> str:

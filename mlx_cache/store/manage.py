@@ -23,6 +23,7 @@ from .index import FILE_RE, file_entries, index_bytes
 if TYPE_CHECKING:
     from .session_store import SessionStore
 
+_SETTLED_NS = 2_000_000_000  # an index unchanged this long may be remembered by its (inode, size, mtime)
 _NAME_IN_TEXT = re.compile(rb"(?:[0-9a-f]{64}(?:-[0-9a-f]{16})?|[wc]-(?:[0-9a-f]{64}|[0-9a-f]{32}))\.safetensors")
 
 
@@ -59,21 +60,24 @@ def references(store: "SessionStore") -> References:
         path = store.sessions_dir / entry
         stem = entry[:-5] if entry.endswith(".json") else ""
         stat = durable.stat_key(path)
+        known = store._known.get(stem)  # what this store object itself last wrote there (under the session's lock)
         cached = store._refs.get(entry)
-        if stat is not None and cached is not None and cached[0] == stat:
+        if stat is not None and known is not None and known[0] == stat:
+            names = frozenset(e["file"] for e in file_entries(known[1]))
+        elif stat is not None and cached is not None and cached[0] == stat:
             names = cached[1]
         else:
-            known = store._known.get(stem)
             try:
-                if stat is not None and known is not None and known[0] == stat:
-                    names = frozenset(e["file"] for e in file_entries(known[1]))
-                else:
-                    names = _names_in(durable.read_file(path))
+                names = _names_in(durable.read_file(path))
             except (FileNotFoundError, IsADirectoryError):
                 continue
             except OSError:
                 raise StoreError(f"Cannot read {path} to see which KV files it uses: check its permissions.") from None
-            if stat is not None:
+            # File times are coarse (a few ms on ext4), and a rewritten index can get the freed
+            # inode of the one it replaced: an index changed within the same tick, to the same
+            # size, would look unchanged. Deletions depend on this, so only files that have not
+            # changed for a while are remembered.
+            if stat is not None and time.time_ns() - stat[2] > _SETTLED_NS:
                 store._refs[entry] = (stat, names)
         refs.files.update(names)
         if NAME_RE.match(stem):
