@@ -266,6 +266,11 @@ def default_kv_budget(weights_bytes: int, margin: float = 0.10) -> int:
                           total_system_memory(), margin)
 
 
+def choose_kv_budget(chosen: int | None, weights_bytes: int) -> int:
+    """The KV budget a front end uses: the one the user chose (flag or setting), else the device's spare."""
+    return chosen if chosen is not None else default_kv_budget(weights_bytes)
+
+
 def spare_kv_bytes(weights_bytes: int, working_set: int | None, available: int, total: int,
                    margin: float = 0.10) -> int:
     """The KV budget from the device's numbers (pure, so every branch is testable anywhere).

@@ -186,11 +186,14 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
 
     keep_freed_buffers()  # on the CPU, reopening a session then reuses memory instead of faulting in new pages
     t0 = time.perf_counter()
-    say(f"Loading {name}...")
+    # Steps, so a front end can show how far a slow load has come.
+    say(f"Loading {name} · step 1 of 4: starting mlx-lm")
     try:
         from mlx_lm.utils import load as mlx_load
         from mlx.utils import tree_flatten
 
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        say(f"Loading {name} · step 2 of 4: reading {size / 1e6:,.0f} MB of weights")
         model, tokenizer = mlx_load(str(path))
     except ModelError:
         raise
@@ -217,7 +220,9 @@ def load_model(spec: str | None = None, progress: Progress | None = None) -> Loa
 
     install_rotated_attention()  # rotated quantized caches attend without un-rotating
 
+    say(f"Loading {name} · step 3 of 4: preparing the weights for this device")
     expand_for_cpu(model, params)
+    say(f"Loading {name} · step 4 of 4: checking the model's files")
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = LoadedModel(
         name=name,

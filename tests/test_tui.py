@@ -103,7 +103,7 @@ def screen_of(app: KvchatApp) -> ChatScreen:
 async def ready(pilot: Pilot) -> ChatScreen:
     """Wait until the model is loaded and a chat is open."""
     screen = screen_of(pilot.app)  # type: ignore[arg-type]
-    await until(pilot, lambda: screen.chat is not None and not screen.loading)
+    await until(pilot, lambda: screen.chat is not None and not screen.preparing)
     return screen
 
 
@@ -318,7 +318,7 @@ async def test_browser_lists_filters_and_opens(home, tiny):
         await send(pilot, "First chat about apples")
         first = screen.chat.name  # type: ignore[union-attr]
         await pilot.press("ctrl+n")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name != first and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != first and not screen.preparing)
         await send(pilot, "Second chat about pears")
         second = screen.chat.name  # type: ignore[union-attr]
 
@@ -332,7 +332,7 @@ async def test_browser_lists_filters_and_opens(home, tiny):
         await until(pilot, lambda: table.row_count == 1)
         assert browser.selected == first
         await pilot.press("enter")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name == first and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == first and not screen.preparing)
         assert screen.query(UserMessage).first().text == "First chat about apples"
         assert app.store is not None and {m.name for m in app.store.list()} == {first, second}
 
@@ -350,7 +350,7 @@ async def test_fork_rename_and_delete_the_open_chat(home, tiny):
         await press_for(pilot, "f3", TextDialog)
         await pilot.press("enter")  # accept the suggested name
         fork = f"{original}-fork"
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name == fork and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == fork and not screen.preparing)
         assert store.exists(original) and store.exists(fork)
         assert len(screen.query(AssistantMessage)) == 1  # the fork shows the shared history
 
@@ -360,13 +360,13 @@ async def test_fork_rename_and_delete_the_open_chat(home, tiny):
         assert store.read(fork).meta.title.endswith("(fork)")  # told apart from the original in the browser
         app.screen.query_one(Input).value = "Trip to Lisbon!"  # a title in words; the name follows it
         await pilot.press("enter")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name == "Trip-to-Lisbon" and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name == "Trip-to-Lisbon" and not screen.preparing)
         assert store.exists("Trip-to-Lisbon") and not store.exists(fork)
         assert store.read("Trip-to-Lisbon").meta.title == "Trip to Lisbon!" and screen.chat.title == "Trip to Lisbon!"
 
         await press_for(pilot, "f8", ConfirmDialog)
         await pilot.press("y")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name != "Trip-to-Lisbon" and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != "Trip-to-Lisbon" and not screen.preparing)
         assert not store.exists("Trip-to-Lisbon") and store.exists(original)
         assert not screen.query(UserMessage)
 
@@ -381,7 +381,7 @@ async def test_browser_forks_renames_and_deletes_other_sessions(home, tiny):
         await send(pilot, PROMPT)
         other = screen.chat.name  # type: ignore[union-attr]
         await pilot.press("ctrl+n")
-        await until(pilot, lambda: screen.chat is not None and screen.chat.name != other and not screen.loading)
+        await until(pilot, lambda: screen.chat is not None and screen.chat.name != other and not screen.preparing)
 
         await press_for(pilot, "ctrl+o", SessionBrowser)
         browser = app.screen
@@ -467,7 +467,7 @@ async def test_unloadable_model_keeps_the_app_alive(home, tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
         await until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
-        assert screen.chat is None and not screen.loading
+        assert screen.chat is None and not screen.preparing
         screen.query_one(PromptInput).text = "hi"
         await pilot.press("enter")
         await pilot.pause()
@@ -501,7 +501,7 @@ async def test_model_picker_loads_a_typed_path(home, tiny, tiny_model_dirs, monk
         other = str(tiny_model_dirs["qwen2"])
         app.screen.query_one(Input).value = other
         await pilot.press("enter")
-        await until(pilot, lambda: screen.loaded is not None and screen.loaded.name == "qwen2" and not screen.loading,
+        await until(pilot, lambda: screen.loaded is not None and screen.loaded.name == "qwen2" and not screen.preparing,
                     timeout=30)
         assert screen.chat is not None and screen.chat is not first_chat
 
@@ -575,13 +575,13 @@ async def test_meter_refreshes_with_the_streaming_text_not_in_frames_of_its_own(
 
         def refresh_now() -> None:
             if screen.busy:
-                refreshes.append((time.monotonic(), screen._chunks, sys._getframe(1).f_code.co_name))
+                refreshes.append((time.monotonic(), screen.turns.chunks, sys._getframe(1).f_code.co_name))
                 blink_while_busy.append(box.cursor_blink)
             original()
 
         meter.refresh_now = refresh_now  # type: ignore[method-assign]
         await send(pilot, PROMPT)
-        chunks = screen._chunks
+        chunks = screen.turns.chunks
         assert chunks >= 6, "the answer should stream in several pieces"
         streaming = [(t, caller) for t, n, caller in refreshes if 0 < n < chunks]
         # several times a second: at least every other piece of text redraws the meter...
@@ -911,5 +911,5 @@ async def test_two_new_chats_in_the_same_second_get_different_names(home, tiny):
         screen = await ready(pilot)
         first = screen.chat
         await pilot.press("ctrl+n")  # nothing answered yet: the first chat is not on disk
-        await until(pilot, lambda: screen.chat is not first and not screen.loading)
+        await until(pilot, lambda: screen.chat is not first and not screen.preparing)
         assert screen.chat is not None and first is not None and screen.chat.name != first.name

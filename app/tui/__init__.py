@@ -92,15 +92,15 @@ def make_app(
             screenshots; None reads ``KVCHAT_SNAPSHOT=1`` from the environment.
     """
     from ..settings import Settings
-    from .app import KvchatApp, LaunchOptions
+    from .app import KvchatApp
+    from .context import LaunchOptions
     from .probe import FixedProbe, LiveProbe
 
     if snapshot is None:
         snapshot = os.environ.get("KVCHAT_SNAPSHOT") == "1"
     settings, problem = Settings.load()
-    store_problem = None
-    if store is None:
-        store, store_problem = _open_store()
+    given = store
+    open_store = _open_store if given is None else (lambda: (given, None))
     launch = LaunchOptions(
         model=model or settings.model,
         cache_config=cache_config,
@@ -110,8 +110,7 @@ def make_app(
         on_budget=on_budget,
     )
     probe = probe or (FixedProbe() if snapshot else LiveProbe())
-    return KvchatApp(launch, settings, store, probe, settings_problem=problem,
-                     store_problem=store_problem, snapshot=snapshot)
+    return KvchatApp(launch, settings, open_store, probe, settings_problem=problem, snapshot=snapshot)
 
 
 def run_tui(

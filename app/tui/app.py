@@ -1,21 +1,18 @@
-"""The Textual app: shared state (settings, store, MLX thread) and the chat screen."""
+"""The Textual app: it owns the shared state (settings, store, MLX thread) and hands it to the chat screen."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from textual import events, work
 from textual.app import App
 from textual.binding import Binding
 
-from mlx_cache.config import CacheConfig
-from models.sample import SamplingConfig
-
 from ..settings import Settings
 from .commands import ChatCommands
+from .context import ChatContext, LaunchOptions
 from .mlx_thread import MLXThread
 from .probe import MemoryProbe
 from .screens.chat import ChatScreen
@@ -25,18 +22,6 @@ if TYPE_CHECKING:
 
 
 SWITCH_INTERVAL_S = 0.0005  # see KvchatApp.on_mount
-
-
-@dataclass
-class LaunchOptions:
-    """What the command line asked for; each None falls back to the settings."""
-
-    model: str | None = None
-    cache_config: CacheConfig | None = None
-    sampling: SamplingConfig | None = None
-    session: str | None = None
-    kv_budget: int | None = None
-    on_budget: str | None = None  # None: the settings' choice
 
 
 class KvchatApp(App[int]):
@@ -53,23 +38,26 @@ class KvchatApp(App[int]):
         self,
         launch: LaunchOptions,
         settings: Settings,
-        store: "SessionStore | None",
+        open_store: "Callable[[], tuple[SessionStore | None, str | None]]",
         probe: MemoryProbe,
         *,
         settings_problem: str | None = None,
-        store_problem: str | None = None,
         snapshot: bool = False,
     ) -> None:
+        """Build the app; `open_store` runs behind the first frame and returns
+        the session store, or None and why sessions are unavailable."""
         super().__init__()
         self.launch = launch
         self.settings = settings
-        self.store = store
         self.probe = probe
         self.snapshot = snapshot  # fixed clock, numbers and spinner for snapshot tests
         self.mlx = MLXThread()
         self._settings_problem = settings_problem
-        self._store_problem = store_problem
-        self.chat_screen = ChatScreen()
+        self.chat_screen = ChatScreen(ChatContext(
+            launch=launch, store=None, store_opening=True, probe=probe, mlx=self.mlx, snapshot=snapshot,
+            settings=lambda: self.settings, apply_settings=self.apply_settings,
+            themes=lambda: list(self.available_themes),
+        ), open_store)
         self._switch_interval = sys.getswitchinterval()
 
     def on_mount(self) -> None:
@@ -85,10 +73,11 @@ class KvchatApp(App[int]):
         self.push_screen(self.chat_screen)
         if self._settings_problem:
             self.notify(self._settings_problem, title="Settings", severity="warning", timeout=12)
-        if self.store is None:
-            reason = f" ({self._store_problem})" if self._store_problem else ""
-            self.notify(f"Sessions are unavailable{reason}: chats are not saved in this run.",
-                        title="Sessions", severity="warning")
+
+    @property
+    def store(self) -> "SessionStore | None":
+        """The session store, once open (None before, or when sessions are unavailable)."""
+        return self.chat_screen.ctx.store
 
     def _theme_changed(self, theme: Any) -> None:
         # A theme picked from the command palette is a choice to keep; the

@@ -44,7 +44,7 @@ async def run_one_turn(
 
     async with app.run_test(headless=True, size=size, message_hook=hook) as pilot:
         screen = app.chat_screen
-        while screen.chat is None or screen.loading:
+        while screen.chat is None or screen.preparing:
             await pilot.pause(0.05)
         if before is not None:
             await before(app, pilot)

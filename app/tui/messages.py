@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from textual.message import Message
 
 if TYPE_CHECKING:
+    from mlx_cache.store import SessionStore
     from models.chat import Chat
     from models.engine import Finished
     from models.load import LoadedModel
@@ -22,6 +23,15 @@ class WorkerReport(Message, bubble=False):
     Each subclass repeats ``bubble=False``: Textual's ``Message.__init_subclass__``
     sets ``bubble=True`` again unless a subclass says otherwise.
     """
+
+
+class StoreOpened(WorkerReport, bubble=False):
+    """The session store is open (`store`), or unavailable this run (`problem` says why)."""
+
+    def __init__(self, store: "SessionStore | None", problem: str | None) -> None:
+        super().__init__()
+        self.store = store
+        self.problem = problem
 
 
 class ModelLoadProgress(WorkerReport, bubble=False):

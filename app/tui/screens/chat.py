@@ -8,10 +8,7 @@ only post the typed messages of ``messages``; the handlers here change widgets.
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.text import Text
 from textual import events, on, work
@@ -20,8 +17,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
-from textual.worker import get_current_worker
 
+from ..context import ChatContext
 from ..messages import (
     AnswerChunk,
     AnswerDone,
@@ -31,24 +28,25 @@ from ..messages import (
     ModelLoaded,
     ModelLoadFailed,
     ModelLoadProgress,
+    StoreOpened,
     TurnSaved,
 )
-from ..turns import StartTurn, describe_error, relay_turn
-from ..widgets.conversation import AssistantMessage, Conversation, UserMessage, format_stats
+from ..turns import describe_error
+from ..widgets.conversation import Conversation, UserMessage
 from ..widgets.memory_meter import MemoryMeter, MeterState
 from ..widgets.prompt_input import PromptInput
 from ..widgets.status_line import StatusLine
-from .chat_sessions import SessionActions
+from .chat_sessions import SessionCommands
+from .chat_turns import TurnView
 from .dialogs import TextDialog
 from .model_picker import ModelPicker
 from .settings import SettingsScreen
 
 if TYPE_CHECKING:
+    from mlx_cache.store import SessionStore
     from models.chat import Chat
     from models.engine import Engine
     from models.load import LoadedModel
-
-    from ..app import KvchatApp
 
 
 WELCOME = """\
@@ -79,8 +77,14 @@ def _settle_memory(release_mlx: bool) -> None:
         mx.clear_cache()
 
 
-class ChatScreen(SessionActions, Screen[None]):
-    """One conversation with one model, and the controls around it."""
+class ChatScreen(Screen[None]):
+    """One conversation with one model, and the controls around it.
+
+    The screen is drawn before any model is loaded: the model loads behind it
+    (progress in the status line), saved chats, settings and the model picker
+    work meanwhile, and a message sent before the model is ready goes out as
+    soon as it is.
+    """
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", tooltip="Stop the answer; the text so far is kept"),
@@ -97,46 +101,72 @@ class ChatScreen(SessionActions, Screen[None]):
         Binding("ctrl+b", "toggle_meter", "Meter", tooltip="Show or hide the memory sidebar"),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, ctx: ChatContext,
+                 open_store: "Callable[[], tuple[SessionStore | None, str | None]] | None" = None) -> None:
+        """`open_store` opens the session store behind the first frame (None: `ctx.store` is set)."""
         super().__init__()
+        self.ctx = ctx
+        self._store_opener = open_store
+        self._session_after_store: tuple[str | None] | None = None  # the model was ready before the store
         self.loaded: "LoadedModel | None" = None
         self.engine: "Engine | None" = None
         self.chat: "Chat | None" = None
         self.busy = False  # a turn is running (answering or saving)
-        self.loading = False  # a model is loading or a chat is opening
-        self._cancel: threading.Event | None = None
-        self._answer: AssistantMessage | None = None
-        self._turn: tuple[str, str] | None = None  # (kind, text) of the running turn
-        self._chunks = 0
-        self.turns_done = 0  # finished or failed turns since start (tests wait on it)
+        # A model is loading or a chat is opening. (Not Textual's `loading`,
+        # which would cover the whole screen with a loading indicator.)
+        self.preparing = False
         self._meter_chosen = False  # Ctrl+B pressed: keep the sidebar as the user set it
-        self._pieces = 0  # text deltas (about one per token) of the running answer
-        self._first_chunk = (0.0, 0)  # (time, deltas) of its first chunk
-        self._shown_rate = 0.0  # when the status line last showed its speed
+        self._queued: str | None = None  # a message sent before the first chat was ready
+        self._pending_session: str | None = None  # picked in Ctrl+O before the model was ready
+        self.turns = TurnView(self, ctx)
+        self.sessions = SessionCommands(self, ctx)
 
     @property
-    def kv_app(self) -> "KvchatApp":
-        return self.app  # type: ignore[return-value]
+    def turns_done(self) -> int:
+        return self.turns.turns_done
 
     # -- layout -------------------------------------------------------------------
     def compose(self) -> ComposeResult:
-        app = self.kv_app
+        ctx = self.ctx
         yield Header(icon="◆")
         with Horizontal(id="body"):
             with Vertical(id="main"):
                 yield Conversation(id="conversation")
-                yield StatusLine(id="status", animate=not app.snapshot)
+                yield StatusLine(id="status", animate=not ctx.snapshot)
                 yield PromptInput(id="prompt", placeholder="Message… (Enter sends, Ctrl+J new line)")
             with Vertical(id="sidebar"):
-                yield MemoryMeter(app.probe, self.meter_state, steady=app.snapshot, id="meter")
+                yield MemoryMeter(ctx.probe, self.meter_state, steady=ctx.snapshot, id="meter")
                 yield Static(id="info", classes="panel")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.title = "kvchat"
         self.query_one("#prompt").focus()
-        self._update_info()
-        self.load_model(self.kv_app.launch.model)
+        self.update_info()
+        self.call_after_refresh(self._start)  # the first frame goes out before anything slow starts
+
+    def _start(self) -> None:
+        if self._store_opener is not None:
+            self._open_store()
+        self.load_model(self.ctx.launch.model)
+
+    @work(thread=True, exclusive=True, group="store")
+    def _open_store(self) -> None:
+        assert self._store_opener is not None
+        store, problem = self._store_opener()
+        self.post_message(StoreOpened(store, problem))
+
+    @on(StoreOpened)
+    def _store_opened(self, message: StoreOpened) -> None:
+        self.ctx.store, self.ctx.store_opening = message.store, False
+        self.refresh_bindings()
+        if message.store is None:
+            reason = f" ({message.problem})" if message.problem else ""
+            self.notify(f"Sessions are unavailable{reason}: chats are not saved in this run.",
+                        title="Sessions", severity="warning")
+        if self._session_after_store is not None:
+            (session,), self._session_after_store = self._session_after_store, None
+            self._open(session, create=True)
 
     def meter_state(self) -> MeterState:
         kv = None
@@ -149,13 +179,13 @@ class ChatScreen(SessionActions, Screen[None]):
             weights=self.loaded.weights_bytes if self.loaded else None,
             kv=kv,
             budget=self.engine.kv_budget if self.engine else None,
-            busy=self.busy or self.loading,
+            busy=self.busy or self.preparing,
         )
 
     def _status(self, message: str, busy: bool | None = None) -> None:
         self.query_one(StatusLine).set(message, busy)
 
-    def _update_info(self) -> None:
+    def update_info(self) -> None:
         """The sidebar's model and session panel, the header's subtitle, and a fresh meter reading."""
         self.query_one(MemoryMeter).refresh_now()  # idle refreshes are slow; show the new state now
         info = Text()  # built from parts, not markup: model and chat names may hold brackets
@@ -166,7 +196,7 @@ class ChatScreen(SessionActions, Screen[None]):
             info.append(f"{m.name}\n")
             info.append(f"{m.architecture} · {m.parameters / 1e6:,.1f} M params\n{context}\n", style="dim")
         else:
-            info.append("not loaded\n", style="dim")
+            info.append("loading…\n" if self.preparing else "not loaded\n", style="dim")
         chat = self.chat
         if chat is not None:
             messages = sum(1 for x in chat.messages if x["role"] != "system")
@@ -187,24 +217,21 @@ class ChatScreen(SessionActions, Screen[None]):
         else:
             conv.mount(Static(text, id="welcome"))
 
-    def _hide_welcome(self) -> None:
-        for w in self.query("#welcome"):
-            w.remove()
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Grey out keys that cannot work right now (None shows them disabled)."""
-        ready = self.chat is not None and not self.busy and not self.loading
+        ready = self.chat is not None and not self.busy and not self.preparing
         has_turn = ready and self.chat is not None and any(m["role"] == "user" for m in self.chat.messages)
+        saved = self.ctx.store is not None
         rules = {
             "stop": self.busy,
             "regenerate": has_turn,
             "edit_last": has_turn,
             "system_prompt": ready,
-            "rename": ready and self.kv_app.store is not None,
-            "fork": ready and self.kv_app.store is not None,
-            "delete": ready and self.kv_app.store is not None,
-            "new_chat": self.engine is not None and not self.busy and not self.loading,
-            "sessions": self.kv_app.store is not None and not self.busy,
+            "rename": ready and saved,
+            "fork": ready and saved,
+            "delete": ready and saved,
+            "new_chat": self.engine is not None and not self.busy and not self.preparing,
+            "sessions": saved and not self.busy,
             "pick_model": not self.busy,
         }
         if action == "stop":
@@ -212,12 +239,17 @@ class ChatScreen(SessionActions, Screen[None]):
         allowed = rules.get(action, True)
         return True if allowed else None
 
-    def _set_busy(self, busy: bool) -> None:
+    def set_busy(self, busy: bool) -> None:
+        """A turn started or ended: keys, and the cursor's blink, follow."""
         self.busy = busy
         self.refresh_bindings()
         # A blinking cursor is a screen update twice a second; while an answer
         # streams the screen redraws anyway, and each extra frame costs decoding.
-        self.query_one(PromptInput).cursor_blink = not busy and not self.kv_app.snapshot
+        self.query_one(PromptInput).cursor_blink = not busy and not self.ctx.snapshot
+
+    def _set_preparing(self, preparing: bool) -> None:
+        self.preparing = preparing
+        self.refresh_bindings()
 
     # -- model --------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="model")
@@ -231,7 +263,7 @@ class ChatScreen(SessionActions, Screen[None]):
             self.post_message(ModelLoadProgress(text))
 
         try:
-            loaded = self.kv_app.mlx.call(load_model, spec, progress)
+            loaded = self.ctx.mlx.call(load_model, spec, progress)
         except Exception as e:
             self.post_message(ModelLoadFailed(spec, describe_error(e)))
             return
@@ -239,33 +271,44 @@ class ChatScreen(SessionActions, Screen[None]):
 
     @on(ModelLoadProgress)
     def _load_progress(self, message: ModelLoadProgress) -> None:
-        self.loading = True
-        self.refresh_bindings()
+        first = not self.preparing
+        self._set_preparing(True)
         self._status(message.text, busy=True)
         if self.chat is None:
-            self._show_welcome(message.text)
+            queued = f"\n\nYour message goes out as soon as the model is ready." if self._queued else ""
+            self._show_welcome(f"{message.text}\n\nType your first message now; Ctrl+O opens a saved chat.{queued}")
+        if first:
+            self.update_info()
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
-        from mlx_cache.memory import default_kv_budget
         from models.engine import Engine
 
-        launch, settings = self.kv_app.launch, self.kv_app.settings
+        launch, settings = self.ctx.launch, self.ctx.settings()
         loaded = message.loaded
-        budget = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
-        if budget is None:
-            # free RAM differs every run; snapshot tests need a fixed number
-            budget = 4 << 30 if self.kv_app.snapshot else default_kv_budget(loaded.weights_bytes)
         self.loaded = loaded
-        self.engine = Engine(loaded, kv_budget=budget, on_budget=launch.on_budget or settings.on_budget)
+        self.engine = Engine(loaded, kv_budget=self._budget(loaded), on_budget=launch.on_budget or settings.on_budget)
         self._status(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", busy=True)
-        session, launch.session = launch.session, None  # --session applies to the first model only
-        self.open_chat(session, create=True)
+        # --session (or a chat picked in Ctrl+O during the load) applies to the first model only
+        session = self._pending_session or launch.session
+        self._pending_session, launch.session = None, None
+        if self.ctx.store_opening:
+            self._session_after_store = (session,)  # opened once the store is
+            return
+        self._open(session, create=True)
+
+    def _budget(self, loaded: "LoadedModel") -> int:
+        from mlx_cache.memory import choose_kv_budget
+
+        launch, settings = self.ctx.launch, self.ctx.settings()
+        chosen = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
+        if chosen is None and self.ctx.snapshot:
+            chosen = 4 << 30  # free RAM differs every run; snapshot tests need a fixed number
+        return choose_kv_budget(chosen, loaded.weights_bytes)
 
     @on(ModelLoadFailed)
-    def _model_failed(self, message: ModelLoadFailed) -> None:
-        self.loading = False
-        self.refresh_bindings()
+    async def _model_failed(self, message: ModelLoadFailed) -> None:
+        self._set_preparing(False)
         if self.loaded is not None:  # the model in use stays loaded and answers
             self._status(f"Kept {self.loaded.name}: the other model did not load", busy=False)
         else:
@@ -273,7 +316,20 @@ class ChatScreen(SessionActions, Screen[None]):
         self.notify(message.error, title="Could not load the model", severity="error", timeout=12)
         if self.chat is None:
             self._show_welcome("No model is loaded.\n\n" + message.error + "\n\nPress Ctrl+L to pick a model.")
-        self._update_info()
+        await self._give_back_queued()
+        self.update_info()
+
+    async def _give_back_queued(self) -> None:
+        """The queued message cannot go out: back into the message box, nothing lost."""
+        text, self._queued = self._queued, None
+        if text is None:
+            return
+        user = self.query_one(Conversation).last_of(UserMessage)
+        if user is not None:
+            await user.remove()
+        prompt = self.query_one(PromptInput)
+        if not prompt.text:
+            prompt.text = text
 
     def action_pick_model(self) -> None:
         def picked(spec: str | None) -> None:
@@ -283,22 +339,31 @@ class ChatScreen(SessionActions, Screen[None]):
         self.app.push_screen(ModelPicker(self.loaded.name if self.loaded else None), picked)
 
     # -- opening chats ------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="chat")
     def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None:
+        """Open session `name` (None: a new chat); before a model is ready, once it is."""
+        if self.engine is None:
+            if name:
+                self._pending_session = name
+                self.notify(f"{name} opens as soon as the model is loaded.", title="Sessions")
+            return
+        self._open(name, create, system)
+
+    @work(thread=True, exclusive=True, group="chat")
+    def _open(self, name: str | None, create: bool = True, system: str | None = None) -> None:
         """Open session `name` (None: a new chat) on the MLX thread, restoring its KV cache."""
         from models.chat import Chat
 
-        app = self.kv_app
-        engine, store, launch = self.engine, app.store, app.launch
+        ctx = self.ctx
+        engine, store, launch, settings = self.engine, ctx.store, ctx.launch, ctx.settings()
         assert engine is not None
-        new_config = launch.cache_config or app.settings.cache
-        new_sampling = launch.sampling or app.settings.sampling
+        new_config = launch.cache_config or settings.cache
+        new_sampling = launch.sampling or settings.sampling
         self.post_message(ModelLoadProgress(f"Opening {name}…" if name else "Starting a new chat…"))
 
         def job() -> "Chat":
             if store is None:
                 return Chat(engine, new_config, new_sampling, system=system)
-            target = name or self._new_name()
+            target = name or self.sessions.new_name()
             if store.exists(target):
                 # a saved chat keeps its own layout and sampling; launch flags only check them
                 return Chat.open(engine, store, target, cache_config=launch.cache_config,
@@ -311,7 +376,7 @@ class ChatScreen(SessionActions, Screen[None]):
             return chat
 
         try:
-            chat = app.mlx.call(job)
+            chat = ctx.mlx.call(job)
         except Exception as e:
             self.post_message(ChatFailed(name or "new chat", describe_error(e)))
             return
@@ -322,7 +387,7 @@ class ChatScreen(SessionActions, Screen[None]):
         old, self.chat = self.chat, message.chat
         new_model = False
         if old is not None and old is not message.chat:
-            self.kv_app.mlx.submit(old.close)  # after any queued MLX work on it, e.g. its last save
+            self.ctx.mlx.submit(old.close)  # after any queued MLX work on it, e.g. its last save
             # Another model took over: give the old weights back now, not at
             # some later garbage collection (model modules hold cycles).
             new_model = old.engine is not message.chat.engine
@@ -333,7 +398,7 @@ class ChatScreen(SessionActions, Screen[None]):
         await conv.show_history(chat.messages, label)
         # The model and the chat are in place: collect once and set the survivors
         # aside, so no full collection stalls the answers to come.
-        self.kv_app.mlx.submit(_settle_memory, new_model)
+        self.ctx.mlx.submit(_settle_memory, new_model)
         if not [m for m in chat.messages if m["role"] != "system"]:
             self._show_welcome()
         if chat.notice:
@@ -346,17 +411,19 @@ class ChatScreen(SessionActions, Screen[None]):
             )
         else:
             self._status(f"Ready · {self.loaded.name if self.loaded else ''}", busy=False)
-        self._update_info()
+        self.update_info()
         self.query_one(PromptInput).focus()
-        self.loading = False  # last: the chat is fully shown before anything may act on it
-        self.refresh_bindings()
+        self._set_preparing(False)  # last: the chat is fully shown before anything may act on it
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            await self.turns.start("send", queued)
 
     @on(ChatFailed)
-    def _chat_failed(self, message: ChatFailed) -> None:
-        self.loading = False
-        self.refresh_bindings()
+    async def _chat_failed(self, message: ChatFailed) -> None:
+        self._set_preparing(False)
         self.notify(message.error, title=f"Could not open {message.name}", severity="error", timeout=12)
         self._status("Ready" if self.chat else "No chat open: Ctrl+N starts one", busy=False)
+        await self._give_back_queued()
 
     def action_new_chat(self) -> None:
         if self.engine is None or self.busy:
@@ -369,148 +436,50 @@ class ChatScreen(SessionActions, Screen[None]):
         text = message.text.strip()
         if not text:
             return
-        if self.chat is None or self.loading:
-            self.notify("The model is still loading." if self.loading else "Load a model first (Ctrl+L).")
+        if self.chat is None and self.preparing:
+            # The first chat is on its way: keep the message and send it then.
+            if self._queued is not None:
+                self.notify("One message is already waiting for the model.")
+                return
+            self._queued = text
+            self.query_one(PromptInput).clear()
+            conv = self.query_one(Conversation)
+            await conv.add(UserMessage(text))
+            self._show_welcome(f"{self.query_one(StatusLine).message}\n\n"
+                               "Your message goes out as soon as the model is ready.")
+            return
+        if self.chat is None or self.preparing:
+            self.notify("The chat is still opening." if self.preparing else "Load a model first (Ctrl+L).")
             return
         if self.busy:
             self.notify("Wait for the answer, or press Esc to stop it.")
             return
         self.query_one(PromptInput).clear()
-        await self.start_turn("send", text)
-
-    async def start_turn(self, kind: str, text: str = "") -> None:
-        """Show the turn and start it: kind is 'send', 'regenerate' or 'edit'."""
-        chat = self.chat
-        assert chat is not None and self.loaded is not None
-        conv = self.query_one(Conversation)
-        self._hide_welcome()
-        last_is_answer = bool(chat.messages) and chat.messages[-1]["role"] == "assistant"
-        if kind in ("regenerate", "edit") and last_is_answer:
-            old = conv.last_of(AssistantMessage)
-            if old is not None:
-                await old.remove()
-        if kind == "edit":
-            old_user = conv.last_of(UserMessage)
-            if old_user is not None:
-                await old_user.remove()
-        if kind in ("send", "edit"):
-            await conv.add(UserMessage(text))
-        answer = AssistantMessage(label=self.loaded.name)
-        await conv.add(answer)
-        answer.start_streaming()
-        self._answer = answer
-        self._turn = (kind, text)
-        self._chunks = 0
-        self._pieces = 0
-        cancel = threading.Event()
-        self._cancel = cancel
-        self._set_busy(True)
-        self._status("Thinking…" if kind == "send" else "Answering again…", busy=True)
-        starts: dict[str, StartTurn] = {
-            "send": lambda c: chat.send(text, c),
-            "regenerate": lambda c: chat.regenerate(c),
-            "edit": lambda c: chat.edit_last(text, c),
-        }
-        self.run_turn(chat, starts[kind], cancel)
-
-    @work(thread=True, exclusive=True, group="turn")
-    def run_turn(self, chat: "Chat", start: StartTurn, cancel: threading.Event) -> None:
-        """Relay the turn (see ``turns.relay_turn``); closing the app cancels it."""
-        worker = get_current_worker()
-        relay_turn(self.kv_app.mlx, chat, start, cancel, self.post_message, lambda: worker.is_cancelled)
+        await self.turns.start("send", text)
 
     @on(AnswerChunk)
     async def _chunk(self, message: AnswerChunk) -> None:
-        if self._answer is None:
-            return
-        now = time.monotonic()
-        if self._chunks == 0:
-            self._first_chunk = (now, message.pieces)
-            self._shown_rate = now
-            if self._cancel is not None and not self._cancel.is_set():
-                self._status("Answering… (Esc stops)", busy=True)
-                self.query_one(StatusLine).hold_spinner(True)
-        self._chunks += 1
-        self._pieces += message.pieces
-        t0, first = self._first_chunk
-        # Text, live speed and meter in one screen refresh: each refresh is a
-        # layout and render pass that the decode loop pays for.
-        with self.app.batch_update():
-            # A live speed, twice a second: the final one comes with the answer's stats.
-            if now - self._shown_rate >= 0.5 and now > t0 and self._cancel is not None and not self._cancel.is_set():
-                self._shown_rate = now
-                self._status(f"Answering… {(self._pieces - first) / (now - t0):,.1f} tok/s (Esc stops)", busy=True)
-            self.query_one(MemoryMeter).refresh_soon()
-            self._answer.write(message.text)
+        await self.turns.chunk(message)
 
     @on(AnswerDone)
     async def _done(self, message: AnswerDone) -> None:
-        f = message.finished
-        stats = f.stats
-        if self.kv_app.snapshot:  # timings differ every run; snapshots need fixed text
-            stats = replace(stats, ttft_s=0.1, decode_tok_s=100.0, prefill_tok_s=1000.0)
-        line = format_stats(stats, f.reason)
-        if self._answer is not None:
-            await self._answer.finish(f, line)
-        verb = "Stopped" if f.reason == "cancelled" else "Answered"
-        self._status(
-            f"{verb} · reused {stats.reused_tokens:,} tokens · prefilled {stats.prefilled_tokens:,} · "
-            f"{stats.decode_tok_s:,.1f} tok/s · saving…",
-            busy=True,
-        )
-        self._last_status = (verb, stats)
-        self._update_info()
+        await self.turns.done(message)
 
     @on(TurnSaved)
     def _saved(self, message: TurnSaved) -> None:
-        verb, stats = getattr(self, "_last_status", ("Answered", None))
-        if message.error:
-            self.notify(message.error, title="The chat was not saved", severity="error", timeout=12)
-        chat = self.chat
-        saved = "not saved" if message.error else ("saved" if chat and chat.name and self.kv_app.store else "not saved")
-        if stats is not None:
-            self._status(
-                f"{verb} · reused {stats.reused_tokens:,} tokens · prefilled {stats.prefilled_tokens:,} · "
-                f"{stats.decode_tok_s:,.1f} tok/s · {saved}",
-                busy=False,
-            )
-        self._end_turn()
+        self.turns.saved(message)
 
     @on(AnswerFailed)
     async def _failed(self, message: AnswerFailed) -> None:
-        kind, text = self._turn or ("send", "")
-        conv = self.query_one(Conversation)
-        if self._answer is not None:
-            await self._answer.remove()
-        if kind == "send":
-            # The turn never produced an answer (the chat has forgotten the
-            # message): give the text back to the box so nothing typed is lost.
-            user = conv.last_of(UserMessage)
-            if user is not None:
-                await user.remove()
-            prompt = self.query_one(PromptInput)
-            if not prompt.text:
-                prompt.text = text
-        self.notify(message.error, title="The answer failed", severity="error", timeout=12)
-        self._status("The answer failed", busy=False)
-        self._end_turn()
-
-    def _end_turn(self) -> None:
-        self.turns_done += 1
-        self._answer = None
-        self._cancel = None
-        self._turn = None
-        self._set_busy(False)
-        self._update_info()
+        await self.turns.failed(message)
 
     def action_stop(self) -> None:
-        if self.busy and self._cancel is not None and not self._cancel.is_set():
-            self._cancel.set()  # the engine checks it every token
-            self._status("Stopping…", busy=True)
+        if self.busy:
+            self.turns.stop()
 
     async def action_regenerate(self) -> None:
         if self.check_action("regenerate", ()) and self.chat is not None:
-            await self.start_turn("regenerate")
+            await self.turns.start("regenerate")
 
     def action_edit_last(self) -> None:
         chat = self.chat
@@ -520,7 +489,7 @@ class ChatScreen(SessionActions, Screen[None]):
 
         async def edited(text: str | None) -> None:
             if text and text.strip() and self.chat is chat and not self.busy:
-                await self.start_turn("edit", text.strip())
+                await self.turns.start("edit", text.strip())
 
         self.app.push_screen(
             TextDialog("Edit your last message", last, multiline=True, accept="Send",
@@ -540,10 +509,11 @@ class ChatScreen(SessionActions, Screen[None]):
             chat.set_system(text)
             await self.query_one(Conversation).set_system(text)
             if any(m["role"] != "system" for m in chat.messages):
-                self._hide_welcome()
+                for w in self.query("#welcome"):
+                    w.remove()
             self.notify("System prompt cleared." if not text.strip() else
                         "System prompt set: it applies from the next answer.", title="System prompt")
-            self._update_info()
+            self.update_info()
 
         self.app.push_screen(
             TextDialog("System prompt", current, multiline=True, allow_empty=True,
@@ -551,15 +521,28 @@ class ChatScreen(SessionActions, Screen[None]):
             done,
         )
 
+    # -- sessions (see chat_sessions) ---------------------------------------------
+    def action_sessions(self) -> None:
+        self.sessions.browse()
+
+    def action_rename(self) -> None:
+        self.sessions.rename()
+
+    def action_fork(self) -> None:
+        self.sessions.fork()
+
+    def action_delete(self) -> None:
+        self.sessions.delete()
+
     # -- settings and view --------------------------------------------------------
     def action_settings(self) -> None:
-        app = self.kv_app
+        ctx = self.ctx
 
         def done(settings: Any) -> None:
             if settings is None:
                 return
-            previous = app.settings
-            app.apply_settings(settings)
+            previous = ctx.settings()
+            ctx.apply_settings(settings)
             if self.chat is not None and not self.busy:
                 self.chat.sampling = settings.sampling
             notes = ["Saved. Sampling applies from the next answer."]
@@ -568,18 +551,13 @@ class ChatScreen(SessionActions, Screen[None]):
             if settings.model != previous.model:
                 notes.append("The default model loads at the next start (Ctrl+L loads one now).")
             if (settings.kv_budget, settings.on_budget) != (previous.kv_budget, previous.on_budget) and self.engine:
-                from mlx_cache.memory import default_kv_budget
-
-                launch = app.launch
-                budget = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
-                if budget is None and self.loaded is not None:
-                    budget = default_kv_budget(self.loaded.weights_bytes)
-                self.engine.kv_budget = budget  # read at the start of each turn
-                self.engine.on_budget = launch.on_budget or settings.on_budget
-                self._update_info()
+                if self.loaded is not None:
+                    self.engine.kv_budget = self._budget(self.loaded)  # read at the start of each turn
+                self.engine.on_budget = ctx.launch.on_budget or settings.on_budget
+                self.update_info()
             self.notify(" ".join(notes), title="Settings")
 
-        self.app.push_screen(SettingsScreen(app.settings, list(app.available_themes)), done)
+        self.app.push_screen(SettingsScreen(ctx.settings(), ctx.themes()), done)
 
     def action_toggle_meter(self) -> None:
         sidebar = self.query_one("#sidebar")
@@ -595,8 +573,6 @@ class ChatScreen(SessionActions, Screen[None]):
     # -- shutdown -----------------------------------------------------------------
     def stop_for_exit(self) -> None:
         """Stop any answer and queue the chat's lock release behind its last save."""
-        if self._cancel is not None:
-            self._cancel.set()
+        self.turns.cancel_for_exit()
         if self.chat is not None:
-            self.kv_app.mlx.submit(self.chat.close)
-
+            self.ctx.mlx.submit(self.chat.close)

@@ -1,6 +1,7 @@
 """Session actions of the chat screen: browse, rename, fork and delete.
 
-A mixin so the chat screen module stays about the conversation. The open
+The chat screen keeps one ``SessionCommands`` and hands its F2/F3/F8/Ctrl+O
+actions to it, so the screen's module stays about the conversation. The open
 chat holds its session's lock; every action that touches that session runs
 on the MLX thread, queued behind the chat's last save, and ends by opening
 the resulting chat (ChatReady), so the screen has one way to switch chats.
@@ -9,9 +10,10 @@ the resulting chat (ChatReady), so the screen has one way to switch chats.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from textual import work
+from textual.app import App
 
 from ..messages import ChatFailed, ChatReady
 from ..turns import describe_error
@@ -22,71 +24,84 @@ if TYPE_CHECKING:
     from models.chat import Chat
     from models.engine import Engine
 
-    from ..app import KvchatApp
+
+from ..context import ChatContext
 
 SNAPSHOT_TIME = time.mktime((2026, 1, 1, 12, 0, 0, 0, 0, -1))
 
 
-class SessionActions:
-    """Bindings F2/F3/F8/Ctrl+O of the chat screen (mixed into ChatScreen)."""
+class ChatHost(Protocol):
+    """What session commands need of the chat screen that owns them."""
 
-    if TYPE_CHECKING:  # provided by ChatScreen
-        chat: Chat | None
-        engine: Engine | None
-        busy: bool
+    chat: "Chat | None"
+    engine: "Engine | None"
+    busy: bool
 
-        @property
-        def kv_app(self) -> KvchatApp: ...
-        def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None: ...
-        def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None: ...
-        def post_message(self, message: object) -> bool: ...
-        def notify(self, message: str, **kwargs: object) -> None: ...
+    @property
+    def app(self) -> App[Any]: ...
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None: ...
+    def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None: ...
+    def post_message(self, message: Any) -> bool: ...
+    def notify(self, message: str, **kwargs: Any) -> None: ...
+    def run_worker(self, work: Callable[[], Any], **kwargs: Any) -> Any: ...
 
-    def _new_name(self) -> str:
-        t = SNAPSHOT_TIME if self.kv_app.snapshot else time.time()
+
+class SessionCommands:
+    """Browse, rename, fork and delete, for the chat screen that owns them."""
+
+    def __init__(self, host: ChatHost, ctx: ChatContext) -> None:
+        self.host = host
+        self.ctx = ctx
+
+    def _in_background(self, job: Callable[..., None], *args: Any) -> None:
+        # One chat switch at a time: the same worker group as the screen's open_chat.
+        self.host.run_worker(partial(job, *args), thread=True, exclusive=True, group="chat")
+
+    def new_name(self) -> str:
+        t = SNAPSHOT_TIME if self.ctx.snapshot else time.time()
         base = time.strftime("chat-%Y%m%d-%H%M%S", time.localtime(t))
-        store = self.kv_app.store
+        store = self.ctx.store
         # The open chat may not be on disk yet (nothing answered) but holds its
         # name's lock: a second new chat within the same second must not take it.
-        taken = {self.chat.name} if self.chat is not None and self.chat.name else set()
+        taken = {self.host.chat.name} if self.host.chat is not None and self.host.chat.name else set()
         name, n = base, 2
         while name in taken or (store is not None and store.exists(name)):
             name, n = f"{base}-{n}", n + 1
         return name
 
-    def action_sessions(self) -> None:
-        store = self.kv_app.store
-        if store is None or self.busy:
+    def browse(self) -> None:
+        store = self.ctx.store
+        if store is None or self.host.busy:
             return
 
         def chosen(result: SessionAction | None) -> None:
-            if result is None or self.engine is None:
+            if result is None or self.host.engine is None:
                 return
             if result.action == "open":
-                if self.chat is not None and result.name == self.chat.name:
+                if self.host.chat is not None and result.name == self.host.chat.name:
                     return
-                self.open_chat(result.name, create=False)
+                self.host.open_chat(result.name, create=False)
             elif result.action == "rename" and result.new_name:
                 self._rename_current(result.new_name)
             elif result.action == "delete":
                 self._delete_current()
 
-        self.kv_app.push_screen(
-            SessionBrowser(store, self.chat.name if self.chat else None, snapshot=self.kv_app.snapshot), chosen
+        self.host.app.push_screen(
+            SessionBrowser(store, self.host.chat.name if self.host.chat else None, snapshot=self.ctx.snapshot), chosen
         )
 
     def _name_problem(self, name: str) -> str | None:
         problem = check_session_name(name)
         if problem:
             return problem
-        store = self.kv_app.store
+        store = self.ctx.store
         if store is not None and store.exists(name):
             return f"There is already a session named {name!r}."
         return None
 
-    def action_rename(self) -> None:
-        chat = self.chat
-        if not self.check_action("rename", ()) or chat is None or not chat.name:
+    def rename(self) -> None:
+        chat = self.host.chat
+        if not self.host.check_action("rename", ()) or chat is None or not chat.name:
             return
 
         def problem(text: str) -> str | None:
@@ -101,15 +116,17 @@ class SessionActions:
                 self._rename_current(name_for(title), title)
 
         # A title in words; the session's name (for `kvchat --session`) follows it.
-        self.kv_app.push_screen(TextDialog("Rename this chat", chat.title or chat.name, validate=problem,
+        self.host.app.push_screen(TextDialog("Rename this chat", chat.title or chat.name, validate=problem,
                                            accept="Rename"), done)
 
-    @work(thread=True, exclusive=True, group="chat")
     def _rename_current(self, new: str, title: str | None = None) -> None:
+        self._in_background(self._rename_job, new, title)
+
+    def _rename_job(self, new: str, title: str | None) -> None:
         """Release the lock, rename on disk, and reopen under the new name (and title)."""
         from models.chat import Chat
 
-        chat, store, engine = self.chat, self.kv_app.store, self.engine
+        chat, store, engine = self.host.chat, self.ctx.store, self.host.engine
         assert chat is not None and store is not None and engine is not None and chat.name
         old = chat.name
         system = next((m["content"] for m in chat.messages if m["role"] == "system"), None)
@@ -135,21 +152,21 @@ class SessionActions:
             return fresh
 
         try:
-            renamed = self.kv_app.mlx.call(job)
+            renamed = self.ctx.mlx.call(job)
         except Exception as e:
-            self.post_message(ChatFailed(old, describe_error(e)))
-            self.kv_app.call_from_thread(self.open_chat, old, True)  # back to the old chat, unlocked above
+            self.host.post_message(ChatFailed(old, describe_error(e)))
+            self.host.app.call_from_thread(self.host.open_chat, old, True)  # back to the old chat, unlocked above
             return
         shown = f"{title!r} (session {new})" if title and title != new else new
-        self.kv_app.call_from_thread(self.notify, f"Renamed {old} to {shown}.", title="Session")
-        self.post_message(ChatReady(renamed, restored=False))
+        self.host.app.call_from_thread(self.host.notify, f"Renamed {old} to {shown}.", title="Session")
+        self.host.post_message(ChatReady(renamed, restored=False))
 
-    def action_fork(self) -> None:
-        chat, store = self.chat, self.kv_app.store
-        if not self.check_action("fork", ()) or chat is None or store is None or not chat.name:
+    def fork(self) -> None:
+        chat, store = self.host.chat, self.ctx.store
+        if not self.host.check_action("fork", ()) or chat is None or store is None or not chat.name:
             return
         if not store.exists(chat.name):
-            self.notify("Nothing to fork yet: the chat is saved after its first answer.", title="Fork")
+            self.host.notify("Nothing to fork yet: the chat is saved after its first answer.", title="Fork")
             return
         suggestion, n = f"{chat.name}-fork", 2
         while store.exists(suggestion):
@@ -159,17 +176,19 @@ class SessionActions:
             if new:
                 self._fork_current(chat.name or "", new)
 
-        self.kv_app.push_screen(
+        self.host.app.push_screen(
             TextDialog("Fork this chat", suggestion, validate=self._name_problem, accept="Fork",
                        hint="The fork shares the saved KV blocks; you continue in the fork."),
             done,
         )
 
-    @work(thread=True, exclusive=True, group="chat")
     def _fork_current(self, src: str, new: str) -> None:
+        self._in_background(self._fork_job, src, new)
+
+    def _fork_job(self, src: str, new: str) -> None:
         from models.chat import Chat
 
-        store, engine = self.kv_app.store, self.engine
+        store, engine = self.ctx.store, self.host.engine
         assert store is not None and engine is not None
 
         def job() -> "Chat":
@@ -181,16 +200,16 @@ class SessionActions:
             return forked
 
         try:
-            forked = self.kv_app.mlx.call(job)
+            forked = self.ctx.mlx.call(job)
         except Exception as e:
-            self.post_message(ChatFailed(new, describe_error(e)))
+            self.host.post_message(ChatFailed(new, describe_error(e)))
             return
-        self.kv_app.call_from_thread(self.notify, f"Forked {src} as {new}; you are in the fork now.", title="Session")
-        self.post_message(ChatReady(forked, restored=True))
+        self.host.app.call_from_thread(self.host.notify, f"Forked {src} as {new}; you are in the fork now.", title="Session")
+        self.host.post_message(ChatReady(forked, restored=True))
 
-    def action_delete(self) -> None:
-        chat = self.chat
-        if not self.check_action("delete", ()) or chat is None:
+    def delete(self) -> None:
+        chat = self.host.chat
+        if not self.host.check_action("delete", ()) or chat is None:
             return
 
         def done(yes: bool | None) -> None:
@@ -198,14 +217,16 @@ class SessionActions:
                 self._delete_current()
 
         what = f"{chat.title!r} ({chat.name})" if chat.title else (chat.name or "this chat")
-        self.kv_app.push_screen(
+        self.host.app.push_screen(
             ConfirmDialog("Delete this chat?", f"Delete {what} and its saved KV cache? This cannot be undone."),
             done,
         )
 
-    @work(thread=True, exclusive=True, group="chat")
     def _delete_current(self) -> None:
-        chat, store = self.chat, self.kv_app.store
+        self._in_background(self._delete_job)
+
+    def _delete_job(self) -> None:
+        chat, store = self.host.chat, self.ctx.store
         assert chat is not None and store is not None
         name = chat.name
 
@@ -215,10 +236,10 @@ class SessionActions:
                 store.remove(name)
 
         try:
-            self.kv_app.mlx.call(job)
+            self.ctx.mlx.call(job)
         except Exception as e:
-            self.kv_app.call_from_thread(self.notify, describe_error(e), title="Delete", severity="error")
+            self.host.app.call_from_thread(self.host.notify, describe_error(e), title="Delete", severity="error")
             return
-        self.kv_app.call_from_thread(self.notify, f"Deleted {name}.", title="Session")
-        self.kv_app.call_from_thread(self.open_chat, None)
+        self.host.app.call_from_thread(self.host.notify, f"Deleted {name}.", title="Session")
+        self.host.app.call_from_thread(self.host.open_chat, None)
 
