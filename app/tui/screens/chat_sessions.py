@@ -75,12 +75,14 @@ class SessionCommands:
             return
 
         def chosen(result: SessionAction | None) -> None:
-            if result is None or self.host.engine is None:
+            if result is None:
                 return
-            if result.action == "open":
+            if result.action == "open":  # before the model is ready: as soon as it is
                 if self.host.chat is not None and result.name == self.host.chat.name:
                     return
                 self.host.open_chat(result.name, create=False)
+            elif self.host.chat is None or self.host.engine is None:
+                return  # rename and delete below are of the open chat
             elif result.action == "rename" and result.new_name:
                 self._rename_current(result.new_name)
             elif result.action == "delete":

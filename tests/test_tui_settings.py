@@ -1,0 +1,153 @@
+"""The chat app's settings, model loading and picking, and the command palette."""
+
+from __future__ import annotations
+
+import json
+
+
+from app.settings import Settings, settings_path
+from app.tui import make_app
+from app.tui.screens.chat import ChatScreen
+from app.tui.screens.sessions import SessionBrowser
+from app.tui.screens.settings import SettingsScreen
+from app.tui.widgets.prompt_input import PromptInput
+from tui_support import (  # noqa: F401  (fixtures, used by name)
+    SIZE,
+    app_for,
+    home,
+    press_for,
+    ready,
+    sync,
+    tiny,
+    until,
+)
+
+
+# -- settings, models, commands ------------------------------------------------------
+
+
+@sync
+async def test_settings_are_saved_and_used_by_the_next_app(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        from textual.widgets import Input
+
+        app.screen.query_one("#temperature", Input).value = "0.3"
+        app.screen.query_one("#window", Input).value = "1024"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+        assert screen.chat is not None and screen.chat.sampling.temperature == 0.3
+    data = json.loads(settings_path().read_text())
+    assert data["sampling"]["temperature"] == 0.3 and data["cache"]["window"] == 1024
+    settings, problem = Settings.load()
+    assert problem is None and settings.sampling.temperature == 0.3
+
+
+@sync
+async def test_settings_form_rejects_bad_values(home, tiny):
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        from textual.widgets import Input, Static
+
+        app.screen.query_one("#top_p", Input).value = "7"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        assert "top-p" in str(app.screen.query_one("#error", Static).render())
+        assert not settings_path().exists()
+
+
+def test_bad_settings_file_means_defaults_and_a_notice(home):
+    settings_path().write_text("{ not json")
+    settings, problem = Settings.load()
+    assert settings == Settings() and problem and "default settings" in problem
+    settings_path().write_text(json.dumps({"cache": {"kind": "spiral"}}))
+    settings, problem = Settings.load()
+    assert settings == Settings() and problem and "spiral" in problem
+
+
+@sync
+async def test_bad_settings_file_is_announced_in_the_app(home, tiny):
+    settings_path().write_text("[1, 2")
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert any("default settings" in n.message for n in app._notifications)
+
+
+@sync
+async def test_unloadable_model_keeps_the_app_alive(home, tmp_path):
+    app = make_app(model=str(tmp_path / "missing-model"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat_screen
+        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+        assert screen.chat is None and not screen.preparing
+        screen.query_one(PromptInput).text = "hi"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not screen.busy
+
+
+@sync
+async def test_model_picker_loads_a_typed_path(home, tiny, tiny_model_dirs, monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+    snap = hub / "models--acme--tiny-chat" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"x" * 10)
+    (hub / "models--acme--no-weights" / "snapshots" / "x").mkdir(parents=True)
+    monkeypatch.setattr("app.tui.model_sources.hf_cache_dir", lambda: hub)
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        first_chat = screen.chat
+        await pilot.press("ctrl+l")
+        from textual.widgets import Input, OptionList
+
+        from app.tui.screens.model_picker import ModelPicker
+
+        await until(pilot, lambda: isinstance(app.screen, ModelPicker))
+        options = app.screen.query_one(OptionList)
+        await until(pilot, lambda: options.option_count >= 2)
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert ids[:2] == ["default", "acme/tiny-chat"] and "acme/no-weights" not in ids
+        other = str(tiny_model_dirs["qwen2"])
+        app.screen.query_one(Input).value = other
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.loaded is not None and screen.loaded.name == "qwen2" and not screen.preparing,
+                    timeout=30)
+        assert screen.chat is not None and screen.chat is not first_chat
+
+
+@sync
+async def test_command_palette_offers_every_action(home, tiny):
+    from app.tui.commands import ChatCommands
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        provider = ChatCommands(app.screen)
+        hits = [hit async for hit in provider.discover()]
+        actions = {b.action for b in ChatScreen.BINDINGS}  # type: ignore[union-attr]
+        assert len(hits) == len(actions)
+        found = sorted([hit async for hit in provider.search("fork")], reverse=True)
+        assert found and "Fork" in str(found[0].text)
+        # through the real palette: Ctrl+P, type, Enter runs the action
+        await pilot.press("ctrl+p")
+        from textual.command import CommandPalette
+
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"open a saved chat")
+        await pilot.pause(0.3)
+        await press_for(pilot, "enter", SessionBrowser)
+
+
+@sync
+async def test_every_binding_has_a_footer_description_and_help(home, tiny):
+    for binding in ChatScreen.BINDINGS:
+        assert binding.description and binding.tooltip and binding.show  # type: ignore[union-attr]

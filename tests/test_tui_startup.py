@@ -1,0 +1,122 @@
+"""The chat app opens at once: its window and keys work while the model loads.
+
+The model's load is held back by a job queued first on the app's MLX thread
+(released by the test), so "before the model is ready" is a state the test
+controls, not a race it hopes to win.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from textual.widgets import DataTable
+
+from app.tui.screens.sessions import SessionBrowser
+from app.tui.screens.settings import SettingsScreen
+from app.tui.widgets.conversation import AssistantMessage, UserMessage
+from app.tui.widgets.prompt_input import PromptInput
+from mlx_cache.store import SessionStore
+from tui_support import (  # noqa: F401  (fixtures, used by name)
+    PROMPT,
+    SIZE,
+    app_for,
+    home,
+    press_for,
+    ready,
+    screen_of,
+    send,
+    status,
+    sync,
+    tiny,
+    until,
+)
+
+
+def held_back(app) -> threading.Event:
+    """Queue a job that blocks the MLX thread until the returned event is set."""
+    gate = threading.Event()
+    app.mlx.submit(gate.wait, 30)
+    return gate
+
+
+@sync
+async def test_a_message_sent_while_the_model_loads_goes_out_when_it_is_ready(home, tiny):
+    app = app_for(tiny, max_tokens=8)
+    gate = held_back(app)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = screen_of(app)
+            await until(pilot, lambda: screen.preparing and "Loading" in status(app))
+            assert screen.loaded is None and screen.chat is None
+            assert not screen.loading  # Textual's overlay would hide the whole window
+            box = screen.query_one(PromptInput)
+            assert box.has_focus
+            box.text = PROMPT
+            await pilot.press("enter")
+            await pilot.pause()
+            # shown at once, kept, and the box is free again
+            assert [m.text for m in screen.query(UserMessage)] == [PROMPT]
+            assert box.text == "" and screen.chat is None and screen.turns_done == 0
+            gate.set()
+            await until(pilot, lambda: screen.turns_done == 1, timeout=60)
+            assert [m.text for m in screen.query(UserMessage)] == [PROMPT]  # once, not twice
+            answer = screen.query(AssistantMessage).last()
+            assert answer.text and screen.chat is not None
+            assert [m["role"] for m in screen.chat.messages] == ["user", "assistant"]
+            assert screen.chat.messages[0]["content"] == PROMPT
+    finally:
+        gate.set()
+
+
+@sync
+async def test_saved_chats_and_settings_open_during_the_load(home, tiny):
+    # A saved chat to pick while the model is still loading.
+    app = app_for(tiny, max_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        saved = screen.chat.name  # type: ignore[union-attr]
+    assert saved and SessionStore().exists(saved)
+
+    app = app_for(tiny, max_tokens=4)
+    gate = held_back(app)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = screen_of(app)
+            await until(pilot, lambda: app.store is not None)  # the store opens beside the load
+            assert screen.loaded is None
+            await press_for(pilot, "f9", SettingsScreen)
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is screen)
+            await press_for(pilot, "ctrl+o", SessionBrowser)
+            await until(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await pilot.press("enter")  # the newest (only) chat
+            await until(pilot, lambda: app.screen is screen)
+            assert screen.chat is None  # nothing opens before the model is ready...
+            gate.set()
+            await until(pilot, lambda: screen.chat is not None and not screen.preparing, timeout=60)
+            assert screen.chat.name == saved  # ...and then the picked chat, not a new one
+            assert len(screen.query(UserMessage)) == 1
+    finally:
+        gate.set()
+
+
+@sync
+async def test_a_failed_load_gives_the_waiting_message_back(home, tmp_path):
+    app = app_for(str(tmp_path / "no-such-model"))
+    gate = held_back(app)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = screen_of(app)
+            await until(pilot, lambda: screen.preparing)
+            box = screen.query_one(PromptInput)
+            box.text = "Are you there?"
+            await pilot.press("enter")
+            await pilot.pause()
+            assert box.text == ""
+            gate.set()
+            await until(pilot, lambda: not screen.preparing, timeout=60)
+            assert box.text == "Are you there?"  # nothing typed is lost
+            assert not screen.query(UserMessage)
+    finally:
+        gate.set()
