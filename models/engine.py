@@ -37,6 +37,7 @@ from mlx_cache.memory import (
     turn_scratch,
 )
 
+from .errors import BudgetExceeded, EngineError  # noqa: F401  (raised here; importable from here too)
 from .sample import Sampler, SamplingConfig
 from .template import Message, common_prefix, continue_tokens, encode_chat, render
 
@@ -48,14 +49,6 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
-
-
-class EngineError(Exception):
-    """A turn that cannot run (one sentence: what is wrong and what to do)."""
-
-
-class BudgetExceeded(EngineError):
-    pass
 
 
 @dataclass(frozen=True)

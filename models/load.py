@@ -6,17 +6,15 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlx_cache.memory import KVShape
 
 from .errors import ModelError
-
-Progress = Callable[[str], None]
+from .progress import Progress
 
 # Files a chat model needs; everything else in a repo (e.g. PyTorch .bin weights) is skipped.
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
@@ -261,7 +259,3 @@ def model_info(loaded: LoadedModel) -> dict[str, Any]:
         "max_context": loaded.max_context,
         "fingerprint": loaded.fingerprint,
     }
-
-
-def _stderr_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -77,7 +77,8 @@ def test_the_app_and_info_check_their_flags_too(capsys):
 
 
 def test_good_numbers_still_pass(capsys):
-    from app.cli import build_parser, sampling_from
+    from app.cli import build_parser
+    from app.cli.flags import sampling_from
 
     args = build_parser().parse_args(["ask", "hi", "--temp", "0", "--top-p", "1", "--min-p", "0",
                                       "--repetition-penalty", "1.3", "--seed", str(2**64 - 1),

@@ -122,8 +122,8 @@ def test_goals_pass_and_miss_with_margins():
 
 
 def test_bench_quality_rejects_bad_flags_before_loading_a_model():
-    from app.bench_cli import add_bench_parser
-    from app.cli import UserError
+    from app.cli.bench import add_bench_parser
+    from app.cli.flags import UserError
 
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers(dest="command"))
@@ -134,14 +134,14 @@ def test_bench_quality_rejects_bad_flags_before_loading_a_model():
 
 
 def test_bench_cli_defaults_match_the_benchmark():
-    import app.bench_cli as cli
+    import app.cli.bench as cli
     import models.quality as quality
 
     assert (cli.MAX_CHUNK, cli.AGREEMENT_TOKENS) == (quality.MAX_CHUNK, quality.AGREEMENT_TOKENS)
 
 
 def test_bench_quality_table_shows_goals(tiny_models):
-    from app.bench_cli import format_quality
+    from app.cli.bench import format_quality
 
     loaded = tiny_models["llama"]
     result = run_quality(loaded, {"q4": QUALITY_CONFIGS["q4"], "rotated q3": QUALITY_CONFIGS["rotated q3"]},

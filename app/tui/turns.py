@@ -58,20 +58,13 @@ _END = object()  # the MLX job is over: the turn is saved, or it failed
 
 
 def describe_error(e: BaseException) -> str:
-    """Our errors are one sentence already; anything else gets its type for context."""
-    from models.engine import EngineError
-    from models.errors import ModelError
+    """Our errors are one sentence already (a ValueError too: bad input); anything else gets its type."""
+    from models.errors import user_message
 
-    if isinstance(e, (EngineError, ModelError, ValueError)):
-        return str(e)
-    try:
-        from mlx_cache.store import StoreError
-
-        if isinstance(e, StoreError):
-            return str(e)
-    except ImportError:
-        pass
-    return f"{type(e).__name__}: {e}"
+    said = user_message(e)
+    if said is not None:
+        return said
+    return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
 
 
 def relay_turn(

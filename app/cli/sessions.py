@@ -143,7 +143,7 @@ def cmd_fork(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mlx_cache.store.export import target_path
 
-    from .cli import UserError
+    from .flags import UserError
 
     store = _store()
     out = args.output or args.out
@@ -212,7 +212,7 @@ def _mlx_lm_model(meta: Any, spec: str | None) -> str | None:
     from models.errors import ModelError
     from models.load import fingerprint
 
-    from .cli import UserError
+    from .flags import UserError
 
     if spec is not None:
         try:

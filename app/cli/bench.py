@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 # The same values as models.quality's MAX_CHUNK and AGREEMENT_TOKENS (a test
@@ -42,7 +41,10 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     Missing a goal is a result, not an error: the exit code is 0 either way.
     """
-    from .cli import UserError, _merged, load
+    from models.progress import to_stderr
+
+    from .flags import UserError, merged
+    from .loading import load
     from models.quality import QUALITY_CONFIGS, quality_prompts, run_quality
 
     chunk = args.chunk
@@ -55,7 +57,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
     n = len(prompts) if args.prompts is None else args.prompts
     if not 0 <= n <= len(prompts):
         raise UserError(f"--prompts must be between 0 and {len(prompts)}.")
-    loaded = load(_merged(args, "model"))
+    loaded = load(merged(args, "model"))
     head_dim = loaded.kv_shape.head_dim
     if head_dim % 64 or head_dim & (head_dim - 1):
         raise UserError(
@@ -63,7 +65,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
             "that is a multiple of 64 (group size 64, Hadamard rotation)."
         )
     try:
-        result = run_quality(loaded, QUALITY_CONFIGS, prompts=prompts[:n], chunk=chunk, progress=_progress)
+        result = run_quality(loaded, QUALITY_CONFIGS, prompts=prompts[:n], chunk=chunk, progress=to_stderr)
     except ValueError as e:  # e.g. the text does not fit the model's context
         raise UserError(f"Cannot run the quality benchmark on this model: {e}.") from None
     if args.json:
@@ -71,10 +73,6 @@ def cmd_quality(args: argparse.Namespace) -> int:
     else:
         print(format_quality(result))
     return 0
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def format_quality(result: dict[str, Any]) -> str:
