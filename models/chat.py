@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from mlx_cache import CacheConfig
 
-from .engine import ChatState, Engine, Event, Finished
+from .engine import Engine
+from .events import Event, Finished
+from .state import ChatState, KVUsage
 from .sample import SamplingConfig
 from .template import Message
 
@@ -221,7 +223,8 @@ class Chat:
         if found:
             self.state.tokens = list(target[:found])
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> KVUsage:
+        """The cache's layout and memory now (see models.state.KVUsage)."""
         return self.state.usage()
 
 

@@ -21,115 +21,22 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
-from mlx_cache import CacheConfig, Checkpoint, measure, predict
+from mlx_cache import CacheConfig
 from mlx_cache.kinds import make_caches
-from mlx_cache.memory import (
-    PREFILL_CHUNK_MAX,
-    PREFILL_CHUNK_MIN,
-    max_window_in_budget,
-    prefill_chunk,
-    prefill_scratch,
-    turn_scratch,
-)
+from mlx_cache.memory import PREFILL_CHUNK_MAX, PREFILL_CHUNK_MIN, prefill_chunk
 
-from .errors import BudgetExceeded, EngineError  # noqa: F401  (raised here; importable from here too)
+from .budget import MIN_WINDOW, KVBudget  # noqa: F401  (MIN_WINDOW: importable from here too)
+from .errors import BudgetExceeded, EngineError  # noqa: F401  (importable from here too)
+from .events import Event, Finished, FinishReason, Stats, TextDelta  # noqa: F401  (the turn's events)
+from .state import ChatState, KVUsage  # noqa: F401
 from .sample import Sampler, SamplingConfig
 from .template import Message, common_prefix, continue_tokens, encode_chat, render
 
 PREFILL_CHUNK = PREFILL_CHUNK_MAX  # 512: a multiple of the caches' 256-token step keeps allocation predictable
-MIN_WINDOW = 64  # smallest rotating window the budget may force: less is no conversation
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-FinishReason = Literal["stop", "length", "stop_string", "cancelled"]
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """A piece of the answer, in order."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Stats:
-    prompt_tokens: int  # tokens of the whole templated history
-    reused_tokens: int  # of those, already in the cache
-    prefilled_tokens: int  # of those, run through the model this turn
-    generated_tokens: int
-    ttft_s: float  # request to first token
-    prefill_tok_s: float
-    decode_tok_s: float
-    restored_checkpoint: bool = False
-    switched_to_rotating: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last event of a turn."""
-
-    reason: FinishReason
-    text: str
-    stats: Stats
-
-
-Event = Union[TextDelta, Finished]
-
-
-@dataclass
-class ChatState:
-    """A chat's KV cache and the exact token ids whose keys and values it holds."""
-
-    config: CacheConfig
-    caches: list[Any]
-    tokens: list[int] = field(default_factory=list)
-    # (position, per-layer checkpoints) at the end of the last prompt, for rotating caches
-    checkpoint: tuple[int, list[Checkpoint]] | None = None
-    # The cache is a saved session's (opened from disk, or saved since): the KV
-    # budget refuses a turn that does not fit rather than switch it to a
-    # rotating window, which the next save would store over the session's KV.
-    stored: bool = False
-
-    def dtype(self) -> str | None:
-        """The float type keys and values are computed in ('float16', ...), once known."""
-        for c in self.caches:
-            if getattr(c, "dtype", None) is not None:
-                return str(c.dtype).rsplit(".", 1)[-1]
-        return None
-
-    def checkpoint_bytes(self) -> int:
-        """Bytes held by the checkpoint copy (0 when there is none)."""
-        if self.checkpoint is None:
-            return 0
-        return sum(layer.nbytes for layer in self.checkpoint[1])
-
-    def usage(self) -> dict[str, Any]:
-        u = measure(self.caches)
-        c = self.config
-        bits = c.k_bits if c.k_bits == c.v_bits else [c.k_bits, c.v_bits]
-        return {
-            "kind": c.kind,
-            "bits": bits,
-            "group_size": c.group_size if c.quantized else None,
-            "window": c.window if c.kind == "rotating" else None,
-            "sinks": c.sinks if c.kind == "rotating" else None,
-            "rotated": c.rotate,
-            "dtype": self.dtype(),
-            "tokens": u.tokens,
-            "bytes_used": u.bytes_used,
-            "bytes_allocated": u.bytes_allocated,
-            "checkpoint_bytes": self.checkpoint_bytes(),
-        }
 
 
 class Engine:
@@ -146,8 +53,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.kv_budget = kv_budget
-        self.on_budget = on_budget
+        self.budget = KVBudget(loaded.kv_shape, kv_budget, on_budget)
         self._lock = threading.Lock()  # one turn at a time per model
 
     # -- state ------------------------------------------------------------------
@@ -190,11 +96,11 @@ class Engine:
         target = self.prompt(state, messages)
         self._check_context(state, len(target))
         sampling = self._fit_context(state, len(target), sampling)
-        switched = self._fit_budget(state, len(target), len(target) + sampling.max_tokens)
+        switched = self.budget.fit(self.model, state, len(target), len(target) + sampling.max_tokens)
 
         reused, restored = self._reuse(state, target)
         t_prefill = time.perf_counter()
-        self._prefill(state, target[reused:-1], self._scratch_room(state, len(target) + sampling.max_tokens))
+        self._prefill(state, target[reused:-1], self.budget.scratch_room(state.config, len(target) + sampling.max_tokens))
         prefilled = len(target) - reused
         # A window that wraps during the answer cannot be trimmed back for
         # "regenerate": keep a copy of the cache at the end of the prompt, but
@@ -235,108 +141,30 @@ class Engine:
             return sampling
         return sampling.with_(max_tokens=max(1, limit - n))
 
-    # -- the KV budget ------------------------------------------------------------
-    def kv_need(self, config: CacheConfig, tokens: int) -> int:
-        """Bytes the cache takes at `tokens` tokens: a rotating one at its full
-        capacity, twice over (the checkpoint kept for "regenerate" once the window
-        wraps is a copy of it)."""
-        shape = self.loaded.kv_shape
-        if config.kind == "rotating":
-            return 2 * predict(shape, config, config.capacity or 0)[1]
-        return predict(shape, config, tokens)[1]
+    # -- the KV budget (see models.budget) ------------------------------------------
+    @property
+    def kv_budget(self) -> int | None:
+        """Bytes the KV cache may use (None: unlimited); read at the start of each turn."""
+        return self.budget.limit
 
-    def scratch_need(self, config: CacheConfig, prompt_tokens: int, tokens_needed: int) -> int:
-        """Most scratch memory a turn needs besides the cache (see mlx_cache.memory.turn_scratch)."""
-        return turn_scratch(self.loaded.kv_shape, config, prompt_tokens, tokens_needed)
+    @kv_budget.setter
+    def kv_budget(self, limit: int | None) -> None:
+        self.budget.limit = limit
+
+    @property
+    def on_budget(self) -> str:
+        return self.budget.on_budget
+
+    @on_budget.setter
+    def on_budget(self, choice: str) -> None:
+        self.budget.on_budget = choice
 
     def check_stored_session(self, name: str, config: CacheConfig, tokens: int) -> None:
-        """Refuse, before anything is loaded, a saved session whose KV does not fit the budget.
-
-        Counts what loading it allocates and the next decode step's scratch.
-        Raises :class:`BudgetExceeded` with one sentence; the session on disk is
-        never touched (opening it under a window would have the next save
-        replace its KV with the window's).
-        """
-        if self.kv_budget is None:
-            return
-        need = self.kv_need(config, tokens) + prefill_scratch(self.loaded.kv_shape, config, 1, tokens)
-        if need > self.kv_budget:
-            raise BudgetExceeded(
-                f"Session {name!r} needs about {_mib(need)} of KV cache ({tokens:,} tokens, {config.label()}) "
-                f"but the KV budget is {_mib(self.kv_budget)}: raise the budget (--kv-budget, or F9 in the app) "
-                "to open it; the session is left as it is."
-            )
+        """Refuse a saved session that does not fit, before anything loads (see KVBudget)."""
+        self.budget.check_stored_session(name, config, tokens)
 
     def within_budget(self, config: CacheConfig, prompt_tokens: int, tokens_needed: int) -> bool:
-        if self.kv_budget is None:
-            return True
-        need = self.kv_need(config, tokens_needed) + self.scratch_need(config, prompt_tokens, tokens_needed)
-        return need <= self.kv_budget
-
-    def _scratch_room(self, state: ChatState, tokens_needed: int) -> int | None:
-        """What the budget leaves for prefill scratch once the cache has what it needs (None: no budget)."""
-        if self.kv_budget is None:
-            return None
-        return self.kv_budget - self.kv_need(state.config, tokens_needed)
-
-    def _fit_budget(self, state: ChatState, prompt_tokens: int, tokens_needed: int) -> bool:
-        """Keep the cache, a rotating cache's checkpoint and the prefill scratch within the KV budget.
-
-        Returns True if the chat switched to a rotating window. A chat whose
-        cache is a saved session's is never switched: it is refused instead.
-        """
-        if self.kv_budget is None:
-            return False
-        shape = self.loaded.kv_shape
-        config = state.config
-        kv = self.kv_need(config, tokens_needed)
-        allocated = kv + self.scratch_need(config, prompt_tokens, tokens_needed)
-        if allocated <= self.kv_budget:
-            return False
-        if state.stored:
-            raise BudgetExceeded(
-                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.kv_budget)}: "
-                "raise --kv-budget (F9 in the app) or start a new chat (a saved chat is never switched to a "
-                "smaller window to fit, which would replace its saved KV)."
-            )
-        if self.on_budget == "refuse":
-            advice = (
-                "raise --kv-budget, quantize the cache (--kv-bits 4) or use a smaller --window"
-                if config.kind == "rotating"
-                else "raise --kv-budget, quantize the cache (--kv-bits 4) or use a rotating window (--cache rotating)"
-            )
-            raise BudgetExceeded(
-                f"This chat needs about {_mib(allocated)} of KV cache but the budget is "
-                f"{_mib(self.kv_budget)}: {advice}."
-            )
-        sinks = min(config.sinks, 4) if config.kind == "rotating" else 4
-        rot = replace(config, kind="rotating", sinks=sinks, keep_fp=min(config.keep_fp, sinks))
-        window = max_window_in_budget(shape, rot, self.kv_budget)  # the window, its checkpoint and scratch
-        if window < MIN_WINDOW:
-            raise BudgetExceeded(
-                f"The KV budget of {_mib(self.kv_budget)} cannot hold even a {MIN_WINDOW}-token window "
-                f"for this model: raise --kv-budget or quantize the cache (--kv-bits 4)."
-            )
-        if config.kind == "rotating":
-            window = min(window, config.window)
-        new_config = CacheConfig(
-            kind="rotating", window=window, sinks=sinks, k_bits=state.config.k_bits,
-            v_bits=state.config.v_bits, group_size=state.config.group_size,
-            keep_fp=min(state.config.keep_fp, sinks), rotate=state.config.rotate,
-        )
-        caches = make_caches(self.model, new_config)
-        for old, new in zip(state.caches, caches):
-            planes = old.temporal_planes() if hasattr(old, "temporal_planes") else None
-            if planes is None or not hasattr(new, "load_planes"):
-                continue
-            k, v = planes
-            held = k[0].shape[2]
-            if held > new.capacity:
-                k = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in k)
-                v = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in v)
-            new.load_planes(k, v, old.offset, old.dtype)
-        state.config, state.caches, state.checkpoint = new_config, caches, None
-        return True
+        return self.budget.within(config, prompt_tokens, tokens_needed)
 
     def _reuse(self, state: ChatState, target: list[int]) -> tuple[int, bool]:
         """Make the cache hold a prefix of `target` (never all of it); returns (length, restored)."""

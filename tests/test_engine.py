@@ -196,8 +196,8 @@ def test_budget_switches_to_window_or_refuses(tiny_models):
     fin = answer(engine, state, msgs, GREEDY.with_(max_tokens=300))
     assert fin.stats.switched_to_rotating and state.config.kind == "rotating"
     usage = state.usage()
-    assert usage["checkpoint_bytes"] > 0  # the window wrapped during the answer
-    assert usage["bytes_allocated"] + usage["checkpoint_bytes"] <= budget
+    assert usage.checkpoint_bytes > 0  # the window wrapped during the answer
+    assert usage.bytes_allocated + usage.checkpoint_bytes <= budget
     strict = Engine(lm, kv_budget=budget, on_budget="refuse")
     with pytest.raises(BudgetExceeded, match="budget"):
         answer(strict, strict.new_state(), msgs, GREEDY.with_(max_tokens=300))
@@ -226,8 +226,8 @@ def test_budget_bounds_a_rotating_cache_and_its_checkpoint(tiny_models):
     fin = answer(engine, state, msgs, GREEDY.with_(max_tokens=200))
     assert fin.stats.switched_to_rotating and state.config.window < 1024
     usage = state.usage()
-    assert usage["checkpoint_bytes"] > 0
-    assert usage["bytes_allocated"] + usage["checkpoint_bytes"] <= budget
+    assert usage.checkpoint_bytes > 0
+    assert usage.bytes_allocated + usage.checkpoint_bytes <= budget
     # A budget too small for any useful window is refused, not silently exceeded.
     tiny_budget = Engine(lm, kv_budget=per_token * 20, on_budget="rotate")
     with pytest.raises(BudgetExceeded, match="cannot hold"):
@@ -238,12 +238,12 @@ def test_checkpoint_only_when_the_window_may_wrap(tiny_models):
     engine = Engine(tiny_models["llama"])
     chat = Chat(engine, CacheConfig(kind="rotating", window=400, sinks=4), GREEDY.with_(max_tokens=8))
     list(chat.send("hello"))
-    assert chat.state.checkpoint is None and chat.usage()["checkpoint_bytes"] == 0
+    assert chat.state.checkpoint is None and chat.usage().checkpoint_bytes == 0
     again = list(chat.regenerate())[-1]  # no wrap: a plain trim serves regenerate
     assert again.stats.prefilled_tokens == 1 and not again.stats.restored_checkpoint
     chat.sampling = chat.sampling.with_(max_tokens=500)
     list(chat.send("more"))
-    assert chat.state.checkpoint is not None and chat.usage()["checkpoint_bytes"] > 0
+    assert chat.state.checkpoint is not None and chat.usage().checkpoint_bytes > 0
 
 
 def test_answer_stops_at_the_models_context(tiny_models):

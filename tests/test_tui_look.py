@@ -43,7 +43,7 @@ async def test_memory_meter_shows_weights_kv_and_budget(home, tiny):
         chat = screen.chat
         assert chat is not None and state.kv is not None
         assert state.weights == screen.loaded.weights_bytes and state.budget == 1 << 30  # type: ignore[union-attr]
-        assert state.kv["tokens"] == len(chat.state.tokens) > 0
+        assert state.kv.tokens == len(chat.state.tokens) > 0
         rows = {str(label): str(value) for label, value in meter_rows(LiveProbe().sample(), state)}
         for label in ("Weights", "KV used", "KV allocated", "KV budget", "MLX active", "MLX cache",
                       "MLX peak", "Process RSS", "System free"):

@@ -98,7 +98,7 @@ async def test_escape_stops_within_a_token_and_keeps_the_partial_answer(home, ti
         assert chat.messages[-1]["finish_reason"] == "cancelled"  # shown again when the chat is reopened
         assert screen.query(AssistantMessage).last().text == finished.text
         # the cache holds exactly the tokens of the log: the next turn can reuse them
-        assert chat.usage()["tokens"] == len(chat.state.tokens)
+        assert chat.usage().tokens == len(chat.state.tokens)
         assert "Stopped" in status(app)
 
 

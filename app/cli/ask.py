@@ -83,7 +83,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     assert finished is not None
     if args.json:
         stats = finished.stats.to_dict()
-        stats["cache"] = chat.usage()
+        stats["cache"] = chat.usage().to_dict()
         out = {"text": finished.text, "finish_reason": finished.reason, "stats": stats}
         if session:
             out["session"] = session

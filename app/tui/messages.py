@@ -6,7 +6,7 @@ change the UI on the event loop.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from textual.message import Message
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from mlx_cache.store import SessionStore
     from models.chat import Chat
     from models.engine import Finished
+    from models.state import KVUsage
     from models.load import LoadedModel
 
 
@@ -89,7 +90,7 @@ class AnswerChunk(WorkerReport, bubble=False):
 class AnswerDone(WorkerReport, bubble=False):
     """The answer finished (stop, length, stop string or cancel); saving follows."""
 
-    def __init__(self, finished: "Finished", usage: dict[str, Any]) -> None:
+    def __init__(self, finished: "Finished", usage: "KVUsage") -> None:
         super().__init__()
         self.finished = finished
         self.usage = usage

@@ -275,7 +275,7 @@ class ChatScreen(Screen[None]):
         self._set_preparing(True)
         self._status(message.text, busy=True)
         if self.chat is None:
-            queued = f"\n\nYour message goes out as soon as the model is ready." if self._queued else ""
+            queued = "\n\nYour message goes out as soon as the model is ready." if self._queued else ""
             self._show_welcome(f"{message.text}\n\nType your first message now; Ctrl+O opens a saved chat.{queued}")
         if first:
             self.update_info()

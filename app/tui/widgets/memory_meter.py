@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -21,6 +21,9 @@ from mlx_cache.memory import format_bytes
 
 from ..probe import MemoryProbe, MemorySample
 from .meter_table import MeterTable, Row
+
+if TYPE_CHECKING:
+    from models.state import KVUsage
 
 TICK_S = 0.33  # while answering: three refreshes a second (each one costs the decode loop a little)
 SOON_S = 0.2  # while text streams, the meter joins any text refresh at least this far from its last
@@ -34,7 +37,7 @@ class MeterState:
     """What the app knows that the probe does not."""
 
     weights: int | None  # bytes of the loaded model's weights, None before loading
-    kv: dict[str, Any] | None  # Chat.usage() of the open chat
+    kv: "KVUsage | None"  # Chat.usage() of the open chat
     budget: int | None  # the engine's KV budget (None: unlimited)
     busy: bool  # an answer is streaming: refresh at full rate
 
@@ -42,19 +45,19 @@ class MeterState:
 _SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def kv_label(kv: dict[str, Any]) -> str:
+def kv_label(kv: "KVUsage") -> str:
     """'full · fp16', 'rotating 4096+4 · q4 g64', ... (the float type once the cache holds a token)."""
-    kind = kv.get("kind", "full")
+    kind = kv.kind
     if kind == "rotating":
-        kind = f"rotating {kv.get('window')}+{kv.get('sinks')}"
-    bits = kv.get("bits")
+        kind = f"rotating {kv.window}+{kv.sinks}"
+    bits = kv.bits
     if bits is None:
-        q = _SHORT_DTYPES.get(kv.get("dtype") or "", "float")
-    elif isinstance(bits, list):
-        q = "/".join(f"q{b}" if b else "fp" for b in bits) + f" g{kv.get('group_size')}"
+        q = _SHORT_DTYPES.get(kv.dtype or "", "float")
+    elif isinstance(bits, tuple):
+        q = "/".join(f"q{b}" if b else "fp" for b in bits) + f" g{kv.group_size}"
     else:
-        q = f"q{bits} g{kv.get('group_size')}"
-    if kv.get("rotated"):
+        q = f"q{bits} g{kv.group_size}"
+    if kv.rotated:
         q += " rot"
     return f"{kind} · {q}"
 
@@ -73,16 +76,16 @@ def meter_rows(sample: MemorySample, state: MeterState) -> list[Row]:
     ]
     kv = state.kv
     if kv is not None:
-        rows.append(("KV used", format_bytes(kv["bytes_used"])))
-        rows.append(("KV allocated", format_bytes(kv["bytes_allocated"])))
-        if kv.get("checkpoint_bytes"):  # a wrapped window's copy, kept for "regenerate"
-            rows.append(("KV checkpoint", format_bytes(kv["checkpoint_bytes"])))
-        rows.append((Text(kv_label(kv), style="dim"), Text(f"{kv['tokens']:,} tok", style="dim")))
+        rows.append(("KV used", format_bytes(kv.bytes_used)))
+        rows.append(("KV allocated", format_bytes(kv.bytes_allocated)))
+        if kv.checkpoint_bytes:  # a wrapped window's copy, kept for "regenerate"
+            rows.append(("KV checkpoint", format_bytes(kv.checkpoint_bytes)))
+        rows.append((Text(kv_label(kv), style="dim"), Text(f"{kv.tokens:,} tok", style="dim")))
     else:
         rows.append(("KV cache", "—"))
     if state.budget is not None:
         rows.append(("KV budget", format_bytes(state.budget)))
-        used = kv["bytes_allocated"] + kv.get("checkpoint_bytes", 0) if kv else 0
+        used = kv.bytes_allocated + kv.checkpoint_bytes if kv else 0
         pct = used / state.budget if state.budget else 0.0
         rows.append((_bar(pct, 16), Text(f"{pct:.1%}", style="dim")))
     rows.append(("", ""))
