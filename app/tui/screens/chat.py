@@ -1,6 +1,8 @@
 """The chat screen: conversation, message box, status line and the memory sidebar.
 
-It owns the model and the open chat. Everything slow runs off the event loop:
+It owns the model and the open chat, and hands the work around them to
+``Opening`` (store, model, first chat), ``TurnView`` (a turn as it streams)
+and ``SessionCommands`` (browse, rename, fork, delete). Everything slow runs off the event loop:
 MLX work on the app's single MLX thread (see ``mlx_thread``), waiting and
 relaying in Textual thread workers, and disk work in thread workers. Workers
 only post the typed messages of ``messages``; the handlers here change widgets.
@@ -8,10 +10,10 @@ only post the typed messages of ``messages``; the handlers here change widgets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
-from textual import events, on, work
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -31,11 +33,11 @@ from ..messages import (
     StoreOpened,
     TurnSaved,
 )
-from ..turns import describe_error
-from ..widgets.conversation import Conversation, UserMessage
+from ..widgets.conversation import Conversation
 from ..widgets.memory_meter import MemoryMeter, MeterState
 from ..widgets.prompt_input import PromptInput
 from ..widgets.status_line import StatusLine
+from .chat_opening import Opening, StoreOpener
 from .chat_sessions import SessionCommands
 from .chat_turns import TurnView
 from .dialogs import TextDialog
@@ -43,7 +45,6 @@ from .model_picker import ModelPicker
 from .settings import SettingsScreen
 
 if TYPE_CHECKING:
-    from mlx_cache.store import SessionStore
     from models.chat import Chat
     from models.engine import Engine
     from models.load import LoadedModel
@@ -60,21 +61,6 @@ reopen one and the next answer starts without re-reading it."""
 
 
 NARROW = 100  # terminal columns below which the memory sidebar starts hidden
-
-
-def _settle_memory(release_mlx: bool) -> None:
-    """Collect garbage and set aside what lives on (see app.heap); on the MLX thread.
-
-    With `release_mlx` (another model took over) also hand MLX's cached buffers
-    back, so the old weights' memory returns to the system now.
-    """
-    import mlx.core as mx
-
-    from ...heap import settle
-
-    settle()
-    if release_mlx:
-        mx.clear_cache()
 
 
 class ChatScreen(Screen[None]):
@@ -101,13 +87,10 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+b", "toggle_meter", "Meter", tooltip="Show or hide the memory sidebar"),
     ]
 
-    def __init__(self, ctx: ChatContext,
-                 open_store: "Callable[[], tuple[SessionStore | None, str | None]] | None" = None) -> None:
+    def __init__(self, ctx: ChatContext, open_store: "StoreOpener | None" = None) -> None:
         """`open_store` opens the session store behind the first frame (None: `ctx.store` is set)."""
         super().__init__()
         self.ctx = ctx
-        self._store_opener = open_store
-        self._session_after_store: tuple[str | None] | None = None  # the model was ready before the store
         self.loaded: "LoadedModel | None" = None
         self.engine: "Engine | None" = None
         self.chat: "Chat | None" = None
@@ -116,8 +99,7 @@ class ChatScreen(Screen[None]):
         # which would cover the whole screen with a loading indicator.)
         self.preparing = False
         self._meter_chosen = False  # Ctrl+B pressed: keep the sidebar as the user set it
-        self._queued: str | None = None  # a message sent before the first chat was ready
-        self._pending_session: str | None = None  # picked in Ctrl+O before the model was ready
+        self.opening = Opening(self, ctx, open_store)
         self.turns = TurnView(self, ctx)
         self.sessions = SessionCommands(self, ctx)
 
@@ -143,30 +125,7 @@ class ChatScreen(Screen[None]):
         self.title = "kvchat"
         self.query_one("#prompt").focus()
         self.update_info()
-        self.call_after_refresh(self._start)  # the first frame goes out before anything slow starts
-
-    def _start(self) -> None:
-        if self._store_opener is not None:
-            self._open_store()
-        self.load_model(self.ctx.launch.model)
-
-    @work(thread=True, exclusive=True, group="store")
-    def _open_store(self) -> None:
-        assert self._store_opener is not None
-        store, problem = self._store_opener()
-        self.post_message(StoreOpened(store, problem))
-
-    @on(StoreOpened)
-    def _store_opened(self, message: StoreOpened) -> None:
-        self.ctx.store, self.ctx.store_opening = message.store, False
-        self.refresh_bindings()
-        if message.store is None:
-            reason = f" ({message.problem})" if message.problem else ""
-            self.notify(f"Sessions are unavailable{reason}: chats are not saved in this run.",
-                        title="Sessions", severity="warning")
-        if self._session_after_store is not None:
-            (session,), self._session_after_store = self._session_after_store, None
-            self._open(session, create=True)
+        self.call_after_refresh(self.opening.start)  # the first frame goes out before anything slow starts
 
     def meter_state(self) -> MeterState:
         kv = None
@@ -182,7 +141,8 @@ class ChatScreen(Screen[None]):
             busy=self.busy or self.preparing,
         )
 
-    def _status(self, message: str, busy: bool | None = None) -> None:
+    def status(self, message: str, busy: bool | None = None) -> None:
+        """Show what is happening now in the status line (a spinner while `busy`)."""
         self.query_one(StatusLine).set(message, busy)
 
     def update_info(self) -> None:
@@ -209,7 +169,9 @@ class ChatScreen(Screen[None]):
         self.sub_title = f"{where} · {model}" if where else model
         self.query_one(StatusLine).where = (chat.name or "unsaved") if chat is not None else ""
 
-    def _show_welcome(self, text: str = WELCOME) -> None:
+    def show_welcome(self, text: str | None = None) -> None:
+        """The text shown where the conversation will be (the welcome, or the load's progress)."""
+        text = WELCOME if text is None else text
         conv = self.query_one(Conversation)
         existing = conv.query("#welcome")
         if existing:
@@ -247,89 +209,48 @@ class ChatScreen(Screen[None]):
         # streams the screen redraws anyway, and each extra frame costs decoding.
         self.query_one(PromptInput).cursor_blink = not busy and not self.ctx.snapshot
 
-    def _set_preparing(self, preparing: bool) -> None:
+    def set_preparing(self, preparing: bool) -> None:
         self.preparing = preparing
         self.refresh_bindings()
 
-    # -- model --------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="model")
+    # -- the model and the chat (see chat_opening) ----------------------------------
     def load_model(self, spec: str | None) -> None:
-        """Load on the MLX thread; progress lines arrive as messages."""
-        from models.load import load_model
+        """Load another model behind the window; the open chat keeps answering until it is ready."""
+        self.opening.load_model(spec)
 
-        self.post_message(ModelLoadProgress(f"Loading {spec or 'the embedded model'}…"))
+    def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None:
+        """Open session `name` (None: a new chat); before a model is ready, once it is."""
+        self.opening.open_chat(name, create, system)
 
-        def progress(text: str) -> None:
-            self.post_message(ModelLoadProgress(text))
+    def new_session_name(self) -> str:
+        return self.sessions.new_name()
 
-        try:
-            loaded = self.ctx.mlx.call(load_model, spec, progress)
-        except Exception as e:
-            self.post_message(ModelLoadFailed(spec, describe_error(e)))
-            return
-        self.post_message(ModelLoaded(loaded, spec))
+    async def send_now(self, text: str) -> None:
+        await self.turns.start("send", text)
+
+    @on(StoreOpened)
+    def _store_opened(self, message: StoreOpened) -> None:
+        self.opening.store_opened(message)
 
     @on(ModelLoadProgress)
     def _load_progress(self, message: ModelLoadProgress) -> None:
-        first = not self.preparing
-        self._set_preparing(True)
-        self._status(message.text, busy=True)
-        if self.chat is None:
-            queued = "\n\nYour message goes out as soon as the model is ready." if self._queued else ""
-            self._show_welcome(f"{message.text}\n\nType your first message now; Ctrl+O opens a saved chat.{queued}")
-        if first:
-            self.update_info()
+        self.opening.progress(message)
 
     @on(ModelLoaded)
     def _model_loaded(self, message: ModelLoaded) -> None:
-        from models.engine import Engine
-
-        launch, settings = self.ctx.launch, self.ctx.settings()
-        loaded = message.loaded
-        self.loaded = loaded
-        self.engine = Engine(loaded, kv_budget=self._budget(loaded), on_budget=launch.on_budget or settings.on_budget)
-        self._status(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", busy=True)
-        # --session (or a chat picked in Ctrl+O during the load) applies to the first model only
-        session = self._pending_session or launch.session
-        self._pending_session, launch.session = None, None
-        if self.ctx.store_opening:
-            self._session_after_store = (session,)  # opened once the store is
-            return
-        self._open(session, create=True)
-
-    def _budget(self, loaded: "LoadedModel") -> int:
-        from mlx_cache.memory import choose_kv_budget
-
-        launch, settings = self.ctx.launch, self.ctx.settings()
-        chosen = launch.kv_budget if launch.kv_budget is not None else settings.kv_budget_bytes()
-        if chosen is None and self.ctx.snapshot:
-            chosen = 4 << 30  # free RAM differs every run; snapshot tests need a fixed number
-        return choose_kv_budget(chosen, loaded.weights_bytes)
+        self.opening.model_loaded(message)
 
     @on(ModelLoadFailed)
     async def _model_failed(self, message: ModelLoadFailed) -> None:
-        self._set_preparing(False)
-        if self.loaded is not None:  # the model in use stays loaded and answers
-            self._status(f"Kept {self.loaded.name}: the other model did not load", busy=False)
-        else:
-            self._status("No model loaded: Ctrl+L picks one", busy=False)
-        self.notify(message.error, title="Could not load the model", severity="error", timeout=12)
-        if self.chat is None:
-            self._show_welcome("No model is loaded.\n\n" + message.error + "\n\nPress Ctrl+L to pick a model.")
-        await self._give_back_queued()
-        self.update_info()
+        await self.opening.model_failed(message)
 
-    async def _give_back_queued(self) -> None:
-        """The queued message cannot go out: back into the message box, nothing lost."""
-        text, self._queued = self._queued, None
-        if text is None:
-            return
-        user = self.query_one(Conversation).last_of(UserMessage)
-        if user is not None:
-            await user.remove()
-        prompt = self.query_one(PromptInput)
-        if not prompt.text:
-            prompt.text = text
+    @on(ChatReady)
+    async def _chat_ready(self, message: ChatReady) -> None:
+        await self.opening.chat_ready(message)
+
+    @on(ChatFailed)
+    async def _chat_failed(self, message: ChatFailed) -> None:
+        await self.opening.chat_failed(message)
 
     def action_pick_model(self) -> None:
         def picked(spec: str | None) -> None:
@@ -337,93 +258,6 @@ class ChatScreen(Screen[None]):
                 self.load_model(spec)
 
         self.app.push_screen(ModelPicker(self.loaded.name if self.loaded else None), picked)
-
-    # -- opening chats ------------------------------------------------------------
-    def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None:
-        """Open session `name` (None: a new chat); before a model is ready, once it is."""
-        if self.engine is None:
-            if name:
-                self._pending_session = name
-                self.notify(f"{name} opens as soon as the model is loaded.", title="Sessions")
-            return
-        self._open(name, create, system)
-
-    @work(thread=True, exclusive=True, group="chat")
-    def _open(self, name: str | None, create: bool = True, system: str | None = None) -> None:
-        """Open session `name` (None: a new chat) on the MLX thread, restoring its KV cache."""
-        from models.chat import Chat
-
-        ctx = self.ctx
-        engine, store, launch, settings = self.engine, ctx.store, ctx.launch, ctx.settings()
-        assert engine is not None
-        new_config = launch.cache_config or settings.cache
-        new_sampling = launch.sampling or settings.sampling
-        self.post_message(ModelLoadProgress(f"Opening {name}…" if name else "Starting a new chat…"))
-
-        def job() -> "Chat":
-            if store is None:
-                return Chat(engine, new_config, new_sampling, system=system)
-            target = name or self.sessions.new_name()
-            if store.exists(target):
-                # a saved chat keeps its own layout and sampling; launch flags only check them
-                return Chat.open(engine, store, target, cache_config=launch.cache_config,
-                                 sampling=launch.sampling, create=False)
-            if not create:
-                return Chat.open(engine, store, target, create=False)  # raises "no such session"
-            chat = Chat.open(engine, store, target, cache_config=new_config, sampling=new_sampling, create=True)
-            if system:
-                chat.set_system(system)
-            return chat
-
-        try:
-            chat = ctx.mlx.call(job)
-        except Exception as e:
-            self.post_message(ChatFailed(name or "new chat", describe_error(e)))
-            return
-        self.post_message(ChatReady(chat, restored=bool(chat.state.tokens)))
-
-    @on(ChatReady)
-    async def _chat_ready(self, message: ChatReady) -> None:
-        old, self.chat = self.chat, message.chat
-        new_model = False
-        if old is not None and old is not message.chat:
-            self.ctx.mlx.submit(old.close)  # after any queued MLX work on it, e.g. its last save
-            # Another model took over: give the old weights back now, not at
-            # some later garbage collection (model modules hold cycles).
-            new_model = old.engine is not message.chat.engine
-            del old
-        chat = message.chat
-        conv = self.query_one(Conversation)
-        label = self.loaded.name if self.loaded else "Assistant"
-        await conv.show_history(chat.messages, label)
-        # The model and the chat are in place: collect once and set the survivors
-        # aside, so no full collection stalls the answers to come.
-        self.ctx.mlx.submit(_settle_memory, new_model)
-        if not [m for m in chat.messages if m["role"] != "system"]:
-            self._show_welcome()
-        if chat.notice:
-            self.notify(chat.notice, title=f"Opened {chat.name}", severity="warning", timeout=12)
-        if message.restored:
-            self._status(
-                f"Restored {chat.name}: {len(chat.state.tokens):,} tokens of KV cache from disk, "
-                "so the next answer starts without re-prefill",
-                busy=False,
-            )
-        else:
-            self._status(f"Ready · {self.loaded.name if self.loaded else ''}", busy=False)
-        self.update_info()
-        self.query_one(PromptInput).focus()
-        self._set_preparing(False)  # last: the chat is fully shown before anything may act on it
-        queued, self._queued = self._queued, None
-        if queued is not None:
-            await self.turns.start("send", queued)
-
-    @on(ChatFailed)
-    async def _chat_failed(self, message: ChatFailed) -> None:
-        self._set_preparing(False)
-        self.notify(message.error, title=f"Could not open {message.name}", severity="error", timeout=12)
-        self._status("Ready" if self.chat else "No chat open: Ctrl+N starts one", busy=False)
-        await self._give_back_queued()
 
     def action_new_chat(self) -> None:
         if self.engine is None or self.busy:
@@ -437,16 +271,7 @@ class ChatScreen(Screen[None]):
         if not text:
             return
         if self.chat is None and self.preparing:
-            # The first chat is on its way: keep the message and send it then.
-            if self._queued is not None:
-                self.notify("One message is already waiting for the model.")
-                return
-            self._queued = text
-            self.query_one(PromptInput).clear()
-            conv = self.query_one(Conversation)
-            await conv.add(UserMessage(text))
-            self._show_welcome(f"{self.query_one(StatusLine).message}\n\n"
-                               "Your message goes out as soon as the model is ready.")
+            await self.opening.queue(text)  # the first chat is on its way: sent then
             return
         if self.chat is None or self.preparing:
             self.notify("The chat is still opening." if self.preparing else "Load a model first (Ctrl+L).")
@@ -552,7 +377,7 @@ class ChatScreen(Screen[None]):
                 notes.append("The default model loads at the next start (Ctrl+L loads one now).")
             if (settings.kv_budget, settings.on_budget) != (previous.kv_budget, previous.on_budget) and self.engine:
                 if self.loaded is not None:
-                    self.engine.kv_budget = self._budget(self.loaded)  # read at the start of each turn
+                    self.engine.kv_budget = self.opening.budget(self.loaded)  # read at the start of each turn
                 self.engine.on_budget = ctx.launch.on_budget or settings.on_budget
                 self.update_info()
             self.notify(" ".join(notes), title="Settings")
