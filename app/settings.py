@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,18 +118,10 @@ class Settings:
             return cls(), f"Ignored {path} ({reason}): using default settings; saving settings rewrites it."
 
     def save(self, path: Path | None = None) -> Path:
-        """Write the settings atomically (a crash never leaves half a file)."""
+        """Write the settings atomically and durably (a crash leaves the old file or the new one)."""
+        from mlx_cache.store.durable import make_dirs, write_atomic
+
         path = path or settings_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        make_dirs(path.parent)
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8"))
         return path
