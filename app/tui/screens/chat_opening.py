@@ -9,20 +9,25 @@ the chat is ready (or back into the message box if it cannot).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..context import ChatContext
-from ..messages import ChatFailed, ChatReady, ModelLoaded, ModelLoadFailed, ModelLoadProgress, StoreOpened
+from ..messages import (
+    ChatFailed,
+    ChatReady,
+    ModelLoaded,
+    ModelLoadFailed,
+    ModelLoadProgress,
+    StoreOpened,
+)
 from ..turns import describe_error
 from ..widgets.conversation import Conversation, UserMessage
 from ..widgets.prompt_input import PromptInput
+from .host import ScreenHost
 
 if TYPE_CHECKING:
-    from textual.app import App
-
     from mlx_cache.store import SessionStore
     from models.chat import Chat
-    from models.engine import Engine
     from models.load import LoadedModel
 
 StoreOpener = Callable[[], "tuple[SessionStore | None, str | None]"]
@@ -43,20 +48,11 @@ def _settle_memory(release_mlx: bool) -> None:
         mx.clear_cache()
 
 
-class OpeningHost(Protocol):
+class OpeningHost(ScreenHost, Protocol):
     """What opening needs of the chat screen that owns it."""
 
-    loaded: "LoadedModel | None"
-    engine: "Engine | None"
-    chat: "Chat | None"
     preparing: bool
 
-    @property
-    def app(self) -> "App[Any]": ...
-    def query_one(self, selector: Any, expect_type: Any = None) -> Any: ...
-    def notify(self, message: str, **kwargs: Any) -> None: ...
-    def post_message(self, message: Any) -> bool: ...
-    def run_worker(self, work: Callable[[], Any], **kwargs: Any) -> Any: ...
     def refresh_bindings(self) -> None: ...
     def set_preparing(self, preparing: bool) -> None: ...
     def status(self, message: str, busy: bool | None = None) -> None: ...

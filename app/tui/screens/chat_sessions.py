@@ -13,8 +13,6 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from textual.app import App
-
 from ..messages import ChatFailed, ChatReady
 from ..turns import describe_error
 from .dialogs import ConfirmDialog, TextDialog
@@ -22,28 +20,21 @@ from .sessions import SessionAction, SessionBrowser, check_session_name, name_fo
 
 if TYPE_CHECKING:
     from models.chat import Chat
-    from models.engine import Engine
 
 
 from ..context import ChatContext
+from .host import ScreenHost
 
 SNAPSHOT_TIME = time.mktime((2026, 1, 1, 12, 0, 0, 0, 0, -1))
 
 
-class ChatHost(Protocol):
+class ChatHost(ScreenHost, Protocol):
     """What session commands need of the chat screen that owns them."""
 
-    chat: "Chat | None"
-    engine: "Engine | None"
     busy: bool
 
-    @property
-    def app(self) -> App[Any]: ...
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None: ...
     def open_chat(self, name: str | None, create: bool = True, system: str | None = None) -> None: ...
-    def post_message(self, message: Any) -> bool: ...
-    def notify(self, message: str, **kwargs: Any) -> None: ...
-    def run_worker(self, work: Callable[[], Any], **kwargs: Any) -> Any: ...
 
 
 class SessionCommands:

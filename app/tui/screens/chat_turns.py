@@ -11,38 +11,31 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from textual.worker import get_current_worker
 
 from ..context import ChatContext
 from ..messages import AnswerChunk, AnswerDone, AnswerFailed, TurnSaved
 from ..turns import StartTurn, relay_turn
-from ..widgets.conversation import AssistantMessage, Conversation, UserMessage, format_stats
+from ..widgets.conversation import (
+    AssistantMessage,
+    Conversation,
+    UserMessage,
+    format_stats,
+)
 from ..widgets.memory_meter import MemoryMeter
 from ..widgets.prompt_input import PromptInput
 from ..widgets.status_line import StatusLine
+from .host import ScreenHost
 
 if TYPE_CHECKING:
-    from textual.app import App
-
-    from models.chat import Chat
     from models.engine import Stats
-    from models.load import LoadedModel
 
 
-class TurnHost(Protocol):
+class TurnHost(ScreenHost, Protocol):
     """What a turn needs of the chat screen that shows it."""
 
-    chat: "Chat | None"
-    loaded: "LoadedModel | None"
-
-    @property
-    def app(self) -> "App[Any]": ...
-    def query_one(self, selector: Any, expect_type: Any = None) -> Any: ...
-    def notify(self, message: str, **kwargs: Any) -> None: ...
-    def post_message(self, message: Any) -> bool: ...
-    def run_worker(self, work: Callable[[], Any], **kwargs: Any) -> Any: ...
     def set_busy(self, busy: bool) -> None: ...
     def update_info(self) -> None: ...
 
