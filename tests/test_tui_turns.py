@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import time
 
-
-from app.tui.messages import AnswerChunk, AnswerDone
-from app.tui.turns import flush_interval
-from app.tui.screens.dialogs import TextDialog
-from app.tui.widgets.conversation import AssistantMessage, SystemMessage, UserMessage
-from app.tui.widgets.prompt_input import PromptInput
-from models.sample import GREEDY
 from tui_support import (  # noqa: F401  (fixtures, used by name)
     PROMPT,
     SIZE,
@@ -23,9 +16,16 @@ from tui_support import (  # noqa: F401  (fixtures, used by name)
     status,
     sync,
     tiny,
+    type_and_enter,
     until,
 )
 
+from app.tui.messages import AnswerChunk, AnswerDone
+from app.tui.screens.dialogs import TextDialog
+from app.tui.turns import flush_interval
+from app.tui.widgets.conversation import AssistantMessage, SystemMessage, UserMessage
+from app.tui.widgets.prompt_input import PromptInput
+from models.sample import GREEDY
 
 # -- turns --------------------------------------------------------------------------
 
@@ -83,9 +83,7 @@ async def test_escape_stops_within_a_token_and_keeps_the_partial_answer(home, ti
     app = app_for(tiny, max_tokens=3000)
     async with app.run_test(size=SIZE, message_hook=rec) as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).text = PROMPT
-        screen.query_one(PromptInput).focus()
-        await pilot.press("enter")
+        await type_and_enter(pilot, PROMPT)
         await until(pilot, lambda: bool(rec.of(AnswerChunk)))
         await pilot.press("escape")
         await until(pilot, lambda: screen.turns_done == 1)
@@ -168,9 +166,7 @@ async def test_quitting_mid_answer_stops_it_and_saves_the_partial_turn(home, tin
     app = app_for(tiny, max_tokens=3000)
     async with app.run_test(size=SIZE, message_hook=rec) as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).text = PROMPT
-        screen.query_one(PromptInput).focus()
-        await pilot.press("enter")
+        await type_and_enter(pilot, PROMPT)
         await until(pilot, lambda: bool(rec.of(AnswerChunk)))
         name = screen.chat.name  # type: ignore[union-attr]
         t0 = time.monotonic()

@@ -96,12 +96,20 @@ async def ready(pilot: Pilot) -> ChatScreen:
     return screen
 
 
-async def send(pilot: Pilot, text: str) -> None:
+async def type_and_enter(pilot: Pilot, text: str) -> ChatScreen:
+    """Put `text` in the message box and press Enter (the turn starts; nothing waits for it)."""
     screen = screen_of(pilot.app)  # type: ignore[arg-type]
-    turns = screen.turns_done
     screen.query_one(PromptInput).text = text
     screen.query_one(PromptInput).focus()
     await pilot.press("enter")
+    return screen
+
+
+async def send(pilot: Pilot, text: str) -> None:
+    """Send `text` and wait until its turn is over (answered and saved)."""
+    screen = screen_of(pilot.app)  # type: ignore[arg-type]
+    turns = screen.turns_done
+    await type_and_enter(pilot, text)
     await until(pilot, lambda: screen.turns_done > turns)
     await pilot.pause()
 
