@@ -35,6 +35,8 @@ COMMANDS: dict[str, list[str]] = {
     "quality": ["-m", "app", "bench", "quality", "--json"],
     "tui": ["benchmarks/bench_tui.py"],
     "markdown": ["benchmarks/bench_markdown.py"],
+    # a3f2143: the last commit before the window was drawn first
+    "startup": ["benchmarks/bench_startup.py", "--before", "a3f2143", "--rounds", "7"],
 }
 
 
@@ -226,6 +228,23 @@ def table_markdown(r: dict[str, Any]) -> str:
     ])
 
 
+def table_startup(r: dict[str, Any]) -> str:
+    def cell(side: str, key: str) -> str:
+        runs = r[side][key]["runs_s"]
+        return f"{r[side][key]['median_s']:.2f} s ({min(runs):.2f}-{max(runs):.2f})"
+
+    sides = [s for s in ("before", "now") if s in r]
+    rows = ["| | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
+    for key, label in (("first_frame", "launch to first frame (goal <= 1 s)"), ("ready", "launch to ready"),
+                       ("ask", '`kvchat ask "Hi" --max-tokens 1`, whole process')):
+        rows.append(f"| {label} | " + " | ".join(cell(side, key) for side in sides) + " |")
+    notes = [f"median (range) of {r['rounds']} rounds, sides alternating; the embedded model."]
+    if "ask_now_over_before" in r:
+        notes.append(f"`ask` now / before: {r['ask_now_over_before']:.2f}.")
+    notes.append("First frame within 1 s: " + ("met." if r["first_frame_met"] else "missed."))
+    return "\n".join(rows + ["", " ".join(notes)])
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "cache": table_cache,
     "sessions": table_sessions,
@@ -233,6 +252,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "quality": table_quality,
     "tui": table_tui,
     "markdown": table_markdown,
+    "startup": table_startup,
 }
 
 
