@@ -92,6 +92,12 @@ async def test_meter_refreshes_with_the_streaming_text_not_in_frames_of_its_own(
 # -- snapshots ------------------------------------------------------------------------
 
 
+async def settled(pilot: Pilot) -> None:
+    """Wait until every animation (notifications fading in, scrolling) has run and the screen is idle."""
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+
+
 def _snapshot_app(tiny: str) -> KvchatApp:
     return app_for(tiny, max_tokens=40, snapshot=True)
 
@@ -100,7 +106,7 @@ def test_snapshot_chat_after_a_greedy_answer(home, tiny, snap_compare):
     async def run_before(pilot: Pilot) -> None:
         await ready(pilot)
         await send(pilot, "Write a haiku about caches")
-        await pilot.pause(0.3)
+        await settled(pilot)
 
     assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
 
@@ -116,7 +122,7 @@ def test_snapshot_session_browser(home, tiny, snap_compare):
         table = pilot.app.screen.query_one(DataTable)
         await until(pilot, lambda: table.row_count == 1)
         del screen
-        await pilot.pause(0.3)
+        await settled(pilot)
 
     assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
 
@@ -126,7 +132,7 @@ def test_snapshot_settings(home, tiny, snap_compare):
         await ready(pilot)
         await pilot.press("f9")
         await until(pilot, lambda: isinstance(pilot.app.screen, SettingsScreen))
-        await pilot.pause(0.3)
+        await settled(pilot)
 
     assert snap_compare(_snapshot_app(tiny), terminal_size=SIZE, run_before=run_before)
 

@@ -143,7 +143,10 @@ async def test_command_palette_offers_every_action(home, tiny):
 
         await until(pilot, lambda: isinstance(app.screen, CommandPalette))
         await pilot.press(*"open a saved chat")
-        await pilot.pause(0.3)
+        from textual.widgets import OptionList
+
+        options = app.screen.query_one(OptionList)  # the palette's hits: wait for the search to show one
+        await until(pilot, lambda: options.option_count > 0 and "saved chat" in str(options.get_option_at_index(0).prompt))
         await press_for(pilot, "enter", SessionBrowser)
 
 
