@@ -53,10 +53,10 @@ async def test_a_message_sent_while_the_model_loads_goes_out_when_it_is_ready(ho
             assert box.has_focus
             box.text = PROMPT
             await pilot.press("enter")
-            await pilot.pause()
             # shown at once, kept, and the box is free again
+            await until(pilot, lambda: box.text == "" and len(screen.query(UserMessage)) == 1)
             assert [m.text for m in screen.query(UserMessage)] == [PROMPT]
-            assert box.text == "" and screen.chat is None and screen.turns_done == 0
+            assert screen.chat is None and screen.turns_done == 0
             gate.set()
             await until(pilot, lambda: screen.turns_done == 1, timeout=60)
             assert [m.text for m in screen.query(UserMessage)] == [PROMPT]  # once, not twice
@@ -112,11 +112,10 @@ async def test_a_failed_load_gives_the_waiting_message_back(home, tmp_path):
             box = screen.query_one(PromptInput)
             box.text = "Are you there?"
             await pilot.press("enter")
-            await pilot.pause()
-            assert box.text == ""
+            await until(pilot, lambda: box.text == "" and len(screen.query(UserMessage)) == 1)
             gate.set()
-            await until(pilot, lambda: not screen.preparing, timeout=60)
-            assert box.text == "Are you there?"  # nothing typed is lost
+            # nothing typed is lost: the message is back in the box once the load has failed
+            await until(pilot, lambda: not screen.preparing and box.text == "Are you there?", timeout=60)
             assert not screen.query(UserMessage)
     finally:
         gate.set()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:
-    from mlx_cache.store import SessionStore
+    from mlx_cache.store import SessionMeta, SessionStore
     from models.chat import Chat
     from models.engine import Finished
     from models.state import KVUsage
@@ -58,21 +58,55 @@ class ModelLoadFailed(WorkerReport, bubble=False):
 
 
 class ChatReady(WorkerReport, bubble=False):
-    """A chat was opened (a saved session restored, or a new one started)."""
+    """A chat was opened (a saved session restored, or a new one started).
 
-    def __init__(self, chat: "Chat", restored: bool) -> None:
+    `notice` says what a session command did to get there ("Renamed ...").
+    """
+
+    def __init__(self, chat: "Chat", restored: bool, notice: str | None = None) -> None:
         super().__init__()
         self.chat = chat
         self.restored = restored
+        self.notice = notice
 
 
 class ChatFailed(WorkerReport, bubble=False):
-    """Opening a session failed; the current chat stays."""
+    """Opening a session failed; the current chat stays, or `reopen` is opened again."""
 
-    def __init__(self, name: str, error: str) -> None:
+    def __init__(self, name: str, error: str, reopen: str | None = None) -> None:
         super().__init__()
         self.name = name
         self.error = error
+        self.reopen = reopen
+
+
+class SessionRemoved(WorkerReport, bubble=False):
+    """The open chat's session was deleted (`error`: it could not be); a new chat follows."""
+
+    def __init__(self, name: str | None, error: str | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.error = error
+
+
+class StoreListed(WorkerReport, bubble=False):
+    """The session browser's list, read off the event loop (`error`: the store could not be read)."""
+
+    def __init__(self, metas: "list[SessionMeta]", select: str | None = None, error: str | None = None) -> None:
+        super().__init__()
+        self.metas = metas
+        self.select = select
+        self.error = error
+
+
+class StoreChanged(WorkerReport, bubble=False):
+    """A browser action on another session finished: `done` to say, or `error`; the list reloads."""
+
+    def __init__(self, done: str = "", error: str | None = None, select: str | None = None) -> None:
+        super().__init__()
+        self.done = done
+        self.error = error
+        self.select = select
 
 
 class AnswerChunk(WorkerReport, bubble=False):

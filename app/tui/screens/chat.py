@@ -30,6 +30,7 @@ from ..messages import (
     ModelLoaded,
     ModelLoadFailed,
     ModelLoadProgress,
+    SessionRemoved,
     StoreOpened,
     TurnSaved,
 )
@@ -358,6 +359,10 @@ class ChatScreen(Screen[None]):
 
     def action_delete(self) -> None:
         self.sessions.delete()
+
+    @on(SessionRemoved)
+    def _session_removed(self, message: SessionRemoved) -> None:
+        self.sessions.removed(message)
 
     # -- settings and view --------------------------------------------------------
     def action_settings(self) -> None:

@@ -229,6 +229,8 @@ class Opening:
         self.ctx.mlx.submit(_settle_memory, new_model)
         if not [m for m in chat.messages if m["role"] != "system"]:
             host.show_welcome()
+        if message.notice:
+            host.notify(message.notice, title="Session")
         if chat.notice:
             host.notify(chat.notice, title=f"Opened {chat.name}", severity="warning", timeout=12)
         if message.restored:
@@ -252,6 +254,8 @@ class Opening:
         host.notify(message.error, title=f"Could not open {message.name}", severity="error", timeout=12)
         host.status("Ready" if host.chat else "No chat open: Ctrl+N starts one", busy=False)
         await self._give_back_queued()
+        if message.reopen:
+            self.open_chat(message.reopen, create=True)
 
     # -- a message sent before the first chat -------------------------------------------
     async def queue(self, text: str) -> None:

@@ -13,7 +13,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..messages import ChatFailed, ChatReady
+from ..messages import ChatFailed, ChatReady, SessionRemoved
 from ..turns import describe_error
 from .dialogs import ConfirmDialog, TextDialog
 from .sessions import SessionAction, SessionBrowser, check_session_name, name_for
@@ -146,13 +146,11 @@ class SessionCommands:
 
         try:
             renamed = self.ctx.mlx.call(job)
-        except Exception as e:
-            self.host.post_message(ChatFailed(old, describe_error(e)))
-            self.host.app.call_from_thread(self.host.open_chat, old, True)  # back to the old chat, unlocked above
+        except Exception as e:  # back to the old chat, unlocked above
+            self.host.post_message(ChatFailed(old, describe_error(e), reopen=old))
             return
         shown = f"{title!r} (session {new})" if title and title != new else new
-        self.host.app.call_from_thread(self.host.notify, f"Renamed {old} to {shown}.", title="Session")
-        self.host.post_message(ChatReady(renamed, restored=False))
+        self.host.post_message(ChatReady(renamed, restored=False, notice=f"Renamed {old} to {shown}."))
 
     def fork(self) -> None:
         chat, store = self.host.chat, self.ctx.store
@@ -197,8 +195,7 @@ class SessionCommands:
         except Exception as e:
             self.host.post_message(ChatFailed(new, describe_error(e)))
             return
-        self.host.app.call_from_thread(self.host.notify, f"Forked {src} as {new}; you are in the fork now.", title="Session")
-        self.host.post_message(ChatReady(forked, restored=True))
+        self.host.post_message(ChatReady(forked, restored=True, notice=f"Forked {src} as {new}; you are in the fork now."))
 
     def delete(self) -> None:
         chat = self.host.chat
@@ -231,8 +228,15 @@ class SessionCommands:
         try:
             self.ctx.mlx.call(job)
         except Exception as e:
-            self.host.app.call_from_thread(self.host.notify, describe_error(e), title="Delete", severity="error")
+            self.host.post_message(SessionRemoved(name, describe_error(e)))
             return
-        self.host.app.call_from_thread(self.host.notify, f"Deleted {name}.", title="Session")
-        self.host.app.call_from_thread(self.host.open_chat, None)
+        self.host.post_message(SessionRemoved(name))
+
+    def removed(self, message: SessionRemoved) -> None:
+        """The screen's handler for SessionRemoved: say so, and start a new chat."""
+        if message.error:
+            self.host.notify(message.error, title="Delete", severity="error")
+            return
+        self.host.notify(f"Deleted {message.name}.", title="Session")
+        self.host.open_chat(None)
 

@@ -21,6 +21,7 @@ from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from mlx_cache.memory import format_bytes
 
+from ..messages import StoreChanged, StoreListed
 from .dialogs import ConfirmDialog, TextDialog
 
 if TYPE_CHECKING:
@@ -121,12 +122,16 @@ class SessionBrowser(ModalScreen["SessionAction | None"]):
         try:
             metas = self.store.list()
         except Exception as e:  # a broken store must not close the app
-            self.app.call_from_thread(self._show_error, str(e))
+            self.post_message(StoreListed([], error=str(e)))
             return
-        self.app.call_from_thread(self._show, metas, select)
+        self.post_message(StoreListed(metas, select))
 
-    def _show_error(self, error: str) -> None:
-        self.query_one("#browser-info", Static).update(error)
+    @on(StoreListed)
+    def _listed(self, message: StoreListed) -> None:
+        if message.error is not None:
+            self.query_one("#browser-info", Static).update(message.error)
+        else:
+            self._show(message.metas, message.select)
 
     def _when(self, ts: float) -> str:
         return "just now" if self.snapshot else relative_time(ts)
@@ -271,8 +276,15 @@ class SessionBrowser(ModalScreen["SessionAction | None"]):
         try:
             job()
         except Exception as e:
-            self.app.call_from_thread(self.notify, str(e), severity="error", title="Session")
+            self.post_message(StoreChanged(error=str(e)))
             return
-        if done:
-            self.app.call_from_thread(self.notify, done, title="Session")
-        self.app.call_from_thread(self.reload, select)
+        self.post_message(StoreChanged(done, select=select))
+
+    @on(StoreChanged)
+    def _changed(self, message: StoreChanged) -> None:
+        if message.error is not None:
+            self.notify(message.error, severity="error", title="Session")
+            return
+        if message.done:
+            self.notify(message.done, title="Session")
+        self.reload(message.select)
