@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from textual.message import Message
 
-from models.engine import Event, Finished, TextDelta
+from models.events import Event, Finished, TextDelta
 
 from .messages import AnswerChunk, AnswerDone, AnswerFailed, TurnSaved
 from .mlx_thread import MLXThread

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
-from models.engine import Finished, Stats
+from models.events import Finished, Stats
 
 from .markdown_body import MarkdownBody
 from .one_pass import OneLayoutPass
