@@ -11,6 +11,7 @@ import threading
 
 from textual.widgets import DataTable
 
+from app.tui.messages import ChatReady, ModelLoaded
 from app.tui.screens.sessions import SessionBrowser
 from app.tui.screens.settings import SettingsScreen
 from app.tui.widgets.conversation import AssistantMessage, UserMessage
@@ -19,6 +20,7 @@ from mlx_cache.store import SessionStore
 from tui_support import (  # noqa: F401  (fixtures, used by name)
     PROMPT,
     SIZE,
+    Recorder,
     app_for,
     home,
     press_for,
@@ -117,5 +119,32 @@ async def test_a_failed_load_gives_the_waiting_message_back(home, tmp_path):
             # nothing typed is lost: the message is back in the box once the load has failed
             await until(pilot, lambda: not screen.preparing and box.text == "Are you there?", timeout=60)
             assert not screen.query(UserMessage)
+    finally:
+        gate.set()
+
+
+@sync
+async def test_a_model_picked_during_the_load_is_the_one_that_opens(home, tiny, tiny_model_dirs):
+    from textual.widgets import Input
+
+    from app.tui.screens.model_picker import ModelPicker
+
+    rec = Recorder()
+    app = app_for(tiny, max_tokens=4)
+    gate = held_back(app)
+    try:
+        async with app.run_test(size=SIZE, message_hook=rec) as pilot:
+            screen = screen_of(app)
+            await until(pilot, lambda: screen.preparing)
+            await press_for(pilot, "ctrl+l", ModelPicker)
+            app.screen.query_one(Input).value = str(tiny_model_dirs["qwen2"])
+            await pilot.press("enter")
+            await until(pilot, lambda: app.screen is screen)
+            gate.set()  # the first load finishes first, and is dropped
+            await until(pilot, lambda: screen.chat is not None and not screen.preparing, timeout=60)
+            await pilot.pause()
+            assert screen.loaded is not None and screen.loaded.name == "qwen2"
+            assert screen.chat.engine.loaded is screen.loaded
+            assert len(rec.of(ModelLoaded)) == 1 and len(rec.of(ChatReady)) == 1  # one model, one chat
     finally:
         gate.set()

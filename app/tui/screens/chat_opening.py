@@ -72,6 +72,7 @@ class Opening:
         self._session_after_store: tuple[str | None] | None = None  # the model was ready before the store
         self._pending_session: str | None = None  # picked in Ctrl+O before the model was ready
         self.queued: str | None = None  # a message sent before the first chat was ready
+        self._loads = 0  # models asked for so far; only the latest one's result counts
 
     def start(self) -> None:
         """Open the store and load the launch model, side by side."""
@@ -100,6 +101,8 @@ class Opening:
     def load_model(self, spec: str | None) -> None:
         """Load `spec` on the MLX thread; progress lines arrive as messages."""
         post, mlx = self.host.post_message, self.ctx.mlx
+        self._loads += 1
+        this = self._loads  # a model picked while another loads supersedes it
 
         def load() -> None:
             from models.load import load_model
@@ -108,9 +111,11 @@ class Opening:
             try:
                 loaded = mlx.call(load_model, spec, lambda text: post(ModelLoadProgress(text)))
             except Exception as e:
-                post(ModelLoadFailed(spec, describe_error(e)))
+                if this == self._loads:
+                    post(ModelLoadFailed(spec, describe_error(e)))
                 return
-            post(ModelLoaded(loaded, spec))
+            if this == self._loads:  # else dropped: the later pick is what the user wants
+                post(ModelLoaded(loaded, spec))
 
         self.host.run_worker(load, thread=True, exclusive=True, group="model")
 
