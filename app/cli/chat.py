@@ -26,12 +26,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     """Open the chat app with the flags given before any command."""
     from ..tui import run_tui
+    from ..tui.context import LaunchOptions
 
-    return run_tui(
+    return run_tui(LaunchOptions(
         model=args.model,
         cache_config=cache_config_from(args) if given(args, CACHE_FLAGS) else None,
         sampling=sampling_from(args) if given(args, SAMPLING_FLAGS) else None,
         session=args.session,
         kv_budget=kv_budget_from(args),
         on_budget=args.on_budget,
-    )
+    ))

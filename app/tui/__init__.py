@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from mlx_cache.store import SessionStore
 
     from .app import KvchatApp
+    from .context import LaunchOptions
     from .probe import MemoryProbe
 
 __all__ = ["make_app", "run_tui"]
@@ -113,16 +114,11 @@ def make_app(
     return KvchatApp(launch, settings, open_store, probe, settings_problem=problem, snapshot=snapshot)
 
 
-def run_tui(
-    model: str | None = None,
-    cache_config: CacheConfig | None = None,
-    sampling: SamplingConfig | None = None,
-    session: str | None = None,
-    kv_budget: int | None = None,
-    on_budget: str | None = None,
-) -> int:
-    """Run the chat app until the user quits; returns the exit code."""
-    _prepare_terminal_run(model)
-    app = make_app(model, cache_config, sampling, session, kv_budget, on_budget)
+def run_tui(launch: "LaunchOptions") -> int:
+    """Run the chat app with the command line's choices until the user quits; returns the exit code."""
+    from dataclasses import fields
+
+    _prepare_terminal_run(launch.model)
+    app = make_app(**{f.name: getattr(launch, f.name) for f in fields(launch)})  # not asdict: it would turn configs into dicts
     app.run()
     return app.return_code or 0  # 1 when the app stopped on an unhandled error
