@@ -109,7 +109,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvchat", description="Chat with a local LLM in the terminal. With no command, opens the chat app.")
     p.add_argument("--version", action="version", version=f"kvchat {__version__}")
-    p.add_argument("--model", "-m", help="model: HF repo id, MLX/HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", "-m", help="model: a name from `kvchat models` (Ollama's qwen2.5:3b, LM Studio's publisher/model), HF repo id, MLX/HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--session", "-s", help="open (or create) this session in the app")
     _cache_args(p)
     _sampling_args(p)
@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_cli import add_bench_parser
 
     add_bench_parser(sub)
+    from .models_cli import add_models_parser
+
+    add_models_parser(sub)
     return p
 
 

@@ -1,0 +1,83 @@
+"""Converted GGUF models in kvchat's cache, keyed by the file's sha256.
+
+A conversion lives in `<cache>/models/<label>-<first 16 hex of the sha256>`.
+Ollama names each blob by its sha256, so its digest is taken as given; any
+other file is hashed once, and the hash is remembered per (path, size, mtime,
+inode) in `<cache>/gguf-digests.json`, so a multi-gigabyte file is not read
+again on every start. Only kvchat's cache is written; the GGUF is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .common import Progress
+from .convert import convert_gguf, is_converted
+
+_MEMO = "gguf-digests.json"
+
+
+def converted_model_dir(
+    path: Path, *, digest: str | None = None, label: str | None = None, progress: Progress | None = None
+) -> Path:
+    """The MLX folder converted from the GGUF at `path`, converting it the first time.
+
+    Args:
+        digest: the file's sha256 when its store already names it (Ollama's blobs).
+        label: a readable prefix for the cache folder (default: the file's stem).
+    """
+    from ..embedded import cache_root
+
+    say = progress or (lambda _m: None)
+    path = Path(path)
+    root = cache_root()
+    digest = digest or file_digest(path, root, say)
+    stem = re.sub(r"[^a-z0-9._-]+", "-", (label or path.stem).lower()).strip("-.") or "model"
+    out = root / "models" / f"{stem}-{digest[:16]}"
+    if is_converted(out):
+        return out
+    say(f"Converting {label or path.name} to MLX (once)...")
+    return convert_gguf(path, out, progress=say)
+
+
+def file_digest(path: Path, cache: Path, say: Progress) -> str:
+    """sha256 of a file, remembered while the file's size, mtime and inode stay the same."""
+    st = path.stat()
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo_path = cache / _MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    if st.st_size > 1 << 30:
+        say(f"Checking {path.name} ({st.st_size / 1e9:.1f} GB)...")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    _write_atomic(memo_path, json.dumps(memo, indent=1))
+    return digest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a memo: the next start hashes the file again
