@@ -117,6 +117,8 @@ def encode(w: np.ndarray, qtype: T, rng: np.random.Generator) -> tuple[np.ndarra
         raw = _random_blocks(rows, cols, qtype, rng, [108])
     elif qtype == T.IQ4_NL:
         raw = _random_blocks(rows, cols, qtype, rng, [0])
+    elif qtype == T.Q8_1:  # a type no reader decodes: only its refusal is tested
+        return _random_blocks(rows, cols, qtype, rng, [0, 2]), np.zeros_like(w)
     else:
         raw = gq.quantize(w.astype(np.float32), qtype)
     return raw, gq.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
