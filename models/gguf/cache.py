@@ -1,6 +1,7 @@
 """Converted GGUF models in kvchat's cache, keyed by the file's sha256.
 
-A conversion lives in `<cache>/models/<label>-<first 16 hex of the sha256>`.
+A conversion lives in `<cache>/models/<label>-<first 16 hex of the sha256>`,
+and any name whose file has that sha256 uses it.
 Ollama names each blob by its sha256, so its digest is taken as given; any
 other file is hashed once, and the hash is remembered per (path, size, mtime,
 inode) in `<cache>/gguf-digests.json`, so a multi-gigabyte file is not read
@@ -41,6 +42,10 @@ def converted_model_dir(
     out = root / "models" / f"{stem}-{digest[:16]}"
     if is_converted(out):
         return out
+    # the same file under another name (an Ollama blob tagged twice, a copy in LM Studio)
+    for other in sorted((root / "models").glob(f"*-{digest[:16]}")):
+        if is_converted(other):
+            return other
     say(f"Converting {label or path.name} to MLX (once)...")
     return convert_gguf(path, out, progress=say)
 
