@@ -20,7 +20,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ import numpy as np
 from .archs import Arch, architecture_of
 from .common import GGUFError, Progress, write_json as _write_json
 from .container import GGUFFile, TensorInfo, open_gguf, type_name
-from .quants import FLOAT_TYPES, can_read, repack, to_float
+from .quants import FLOAT_TYPES, Quantized, can_read, is_exact, repack, requantize, to_float
 from .tokenizer import check_tokenizer, write_tokenizer
 
 # Bump when the output layout changes, so cached conversions are redone.
@@ -83,20 +85,23 @@ def convert_gguf(
             say(f"{gguf_path.name} holds {', '.join(requantized)} tensors, which MLX cannot run as they are: "
                 "kvchat decodes them and re-quantizes them to 8 bits (more memory than the file, values rounded "
                 "to within 1/255 of each 64-value group's range).")
-        weights, quant = _convert_weights(gg, arch, plan, config, dtype, say)
-        if quant:
-            config["quantization"] = quant
         summary = dict(Counter(type_name(i.type_id) for i, _ in plan))
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        workers = max(1, min(4, os.cpu_count() or 1))
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the model directory need not be
-            say("Writing the MLX weights...")
-            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-            del weights
-            say("Building the tokenizer...")
-            write_tokenizer(tmp, gg.metadata, config, say)
+            with ThreadPoolExecutor(workers + 1) as pool:
+                # the tokenizer is mostly Python (GIL-bound), the weights mostly numpy: build both at once
+                tokenizer = pool.submit(write_tokenizer, tmp, gg.metadata, dict(config), say)
+                weights, quant = _convert_weights(gg, arch, plan, config, dtype, say, pool, workers)
+                if quant:
+                    config["quantization"] = quant
+                say("Writing the MLX weights...")
+                mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+                del weights
+                tokenizer.result()
             _write_json(tmp / "config.json", config)
             _write_json(tmp / MARKER_FILE, {
                 "converter_version": CONVERTER_VERSION,
@@ -165,7 +170,7 @@ def _plan(gg: GGUFFile, arch: Arch) -> list[tuple[TensorInfo, str]]:
 
 def _convert_weights(
     gg: GGUFFile, arch: Arch, plan: list[tuple[TensorInfo, str]], config: dict[str, Any], dtype: mx.Dtype,
-    say: Progress,
+    say: Progress, pool: ThreadPoolExecutor, workers: int,
 ) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     total = sum(i.n_elements for i, _ in plan)
@@ -173,18 +178,25 @@ def _convert_weights(
     out: dict[str, mx.array] = {}
     per_module: dict[str, tuple[int, int]] = {}
     say(f"Converting {total / 1e6:,.0f}M weights...")
-    for info, hf in plan:
+    # numpy releases the GIL, so tensors repack in parallel; a few ahead at most, to bound memory
+    pending: deque[Future] = deque()
+    queue = iter(plan)
+    for item in islice(queue, 2 * workers):
+        pending.append(pool.submit(_numpy_stage, gg, arch, *item))
+    while pending:
+        info, hf, stage = pending.popleft().result()
+        nxt = next(queue, None)
+        if nxt is not None:
+            pending.append(pool.submit(_numpy_stage, gg, arch, *nxt))
         module, _, param = hf.rpartition(".")
-        n_head = heads.get(module.rsplit(".", 1)[-1]) if arch.permute_qk else None
-        if len(info.shape) == 2 and info.type_id not in FLOAT_TYPES:
-            q = repack(gg.raw(info), info.type_id, info.shape)
-            parts = {"weight": q.weight, "scales": q.scales, "biases": q.biases}
-            per_module[module] = (q.group_size, q.bits)
+        if isinstance(stage, np.ndarray) and len(info.shape) == 2 and info.type_id not in FLOAT_TYPES:
+            stage = requantize(stage)  # MLX's quantizer, on this thread: MLX ops need its stream
+        if isinstance(stage, Quantized):
+            parts = {"weight": stage.weight, "scales": stage.scales, "biases": stage.biases}
+            per_module[module] = (stage.group_size, stage.bits)
         else:
-            value = to_float(gg.raw(info), info.type_id, info.shape)
-            if arch.norm_offset and module.endswith("norm"):
-                value = value - np.float32(arch.norm_offset)
-            parts = {param: value}
+            parts = {param: stage}
+        n_head = heads.get(module.rsplit(".", 1)[-1]) if arch.permute_qk else None
         for key, value in parts.items():
             if n_head is not None:
                 value = unpermute_rows(value, n_head)
@@ -193,12 +205,23 @@ def _convert_weights(
                 # the scales' dtype is the dtype the whole forward pass runs in
                 array = array.astype(dtype)
             out[f"{module}.{key}"] = array
-        mx.eval(list(out.values())[-len(parts):])
+        mx.eval([out[f"{module}.{key}"] for key in parts])
         done += info.n_elements
         if done * 10 // total > shown:
             shown = done * 10 // total
             say(f"Converting: {shown * 10}% ({done / 1e6:,.0f}M of {total / 1e6:,.0f}M weights)")
     return out, _quantization_map(per_module)
+
+
+def _numpy_stage(gg: GGUFFile, arch: Arch, info: TensorInfo, hf: str) -> tuple[TensorInfo, str, Quantized | np.ndarray]:
+    """A tensor repacked (exact types), or decoded to float32 (norms, float and re-quantized types)."""
+    raw = gg.raw(info)
+    if len(info.shape) == 2 and info.type_id not in FLOAT_TYPES and is_exact(info.type_id):
+        return info, hf, repack(raw, info.type_id, info.shape)
+    value = to_float(raw, info.type_id, info.shape)
+    if arch.norm_offset and hf.endswith("norm.weight"):
+        value = value - np.float32(arch.norm_offset)
+    return info, hf, value
 
 
 def _quantization_map(per_module: dict[str, tuple[int, int]]) -> dict[str, Any] | None:

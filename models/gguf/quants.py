@@ -118,12 +118,15 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     elif bits == 4:
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     elif bits == 5:
-        # 8 codes -> 40 bits -> 5 bytes
-        c = codes.reshape(-1, 8).astype(np.uint64)
-        word = np.zeros(len(c), dtype=np.uint64)
-        for i in range(8):
-            word |= c[:, i] << np.uint64(5 * i)
-        packed = word.view(np.uint8).reshape(-1, 8)[:, :5]
+        # 8 codes -> 40 bits -> 5 bytes, in uint8 arithmetic (shifts drop the bits that move on)
+        c = [codes.reshape(-1, 8)[:, i] for i in range(8)]
+        packed = np.stack([
+            c[0] | (c[1] << 5),
+            (c[1] >> 3) | (c[2] << 2) | (c[3] << 7),
+            (c[3] >> 1) | (c[4] << 4),
+            (c[4] >> 4) | (c[5] << 1) | (c[6] << 6),
+            (c[6] >> 2) | (c[7] << 3),
+        ], axis=1)
     else:
         raise ValueError(f"no packing for {bits}-bit codes")
     return np.ascontiguousarray(packed).reshape(rows, cols * bits // 8).view(np.uint32)

@@ -98,16 +98,23 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
     piece has the highest score; ranking every split of every piece by that
     piece's score gives a BPE that joins in the same order.
     """
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED)}
-    ranked: list[tuple[float, int, int, str, str]] = []
-    for piece, i in vocab.items():
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if types[i] in (_TOKEN_NORMAL, _TOKEN_USER_DEFINED):
+            vocab.setdefault(t, i)
+    get = vocab.get
+    ranked: list[tuple[float, int, int]] = []
+    add = ranked.append
+    for piece, i in vocab.items():  # ~2.5M splits for Gemma's 262K pieces: keep the loop lean
+        score = -scores[i]
         for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            j, k = vocab.get(left), vocab.get(right)
-            if j is not None and k is not None:
-                ranked.append((-scores[i], j, k, left, right))
+            j = get(piece[:cut])
+            if j is not None:
+                k = get(piece[cut:])
+                if k is not None:
+                    add((score, j, k))
     ranked.sort()
-    return [(left, right) for _, _, _, left, right in ranked]
+    return [(tokens[j], tokens[k]) for _, j, k in ranked]
 
 
 def _spm(metadata: dict[str, Any], tokens: list[str], say: Progress) -> Any:
