@@ -34,7 +34,7 @@ PARAMS_3B = 3.09e9  # Qwen2.5-3B / Llama-3.2-3B: ~3.1-3.2 B weights
 
 
 def timed_conversion(path: Path, out: Path) -> dict:
-    from models.gguf import container, convert, tokenizer
+    from models.gguf import container, convert
 
     phases: dict[str, float] = {}
     shown: list[str] = []

@@ -85,7 +85,7 @@ def discover(hf_root: Path | None = None, *, include_embedded: bool = True) -> l
 
 
 def _embedded() -> FoundModel:
-    from .embedded import EMBEDDED_NAME, embedded_model_dir
+    from .embedded import embedded_model_dir
 
     path = embedded_model_dir()
     return FoundModel("default", "embedded", str(path), "llama", "Q4_1", 98_000_000, True,

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 
-from gguf_files import CHATML, DIMS, gpt2_tokens, permute_rows, reference_model, write_tiny
-from models.errors import ModelError
-from models.gguf import GGUFError, convert_gguf, is_converted, open_gguf, unpermute_rows
+from gguf_files import DIMS, permute_rows, reference_model, write_tiny
+from models.gguf import convert_gguf, default_dtype, is_converted, open_gguf, unpermute_rows
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "phi3"]
 PROMPT = list(range(3, 40))  # many positions, so a wrong rotary layout shows
@@ -88,8 +87,7 @@ def test_quantization_config_records_each_module(tmp_path):
     assert quant["model.layers.0.self_attn.q_proj"] == {"group_size": 32, "bits": 8}  # Q8_0
     assert "model.layers.0.self_attn.o_proj" not in quant  # the default
     weights = mx.load(str(out / "model.safetensors"))
-    assert weights["model.layers.0.self_attn.o_proj.scales"].dtype == mx.float32 or \
-        weights["model.layers.0.self_attn.o_proj.scales"].dtype == mx.float16
+    assert weights["model.layers.0.self_attn.o_proj.scales"].dtype == default_dtype()
     marker = json.loads((out / "kvchat-gguf.json").read_text())
     assert marker["requantized"] == ["Q6_K"] and marker["tensor_types"]["Q4_K"] > 0
     assert is_converted(out)
