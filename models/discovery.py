@@ -279,8 +279,8 @@ def find_local(spec: str) -> LocalGGUF | None:
     Ollama names without a tag mean `:latest`, as in Ollama; LM Studio names
     match with or without the `.gguf` file name, in any letter case.
     """
-    if not spec or spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", ""):
-        return None
+    if not spec or spec.startswith((".", "/", "~")):
+        return None  # a path, not a name
     wanted = {spec, f"{spec}:latest"}
     for name, path, digest, reason in _ollama_entries(ollama_root()):
         if name in wanted:
