@@ -87,3 +87,11 @@ def test_mlx_written_gguf_converts(tmp_path):
     a = mx.load(str(convert_gguf(tmp_path / "ours.gguf", tmp_path / "a") / "model.safetensors"))
     b = mx.load(str(convert_gguf(tmp_path / "mlx.gguf", tmp_path / "b") / "model.safetensors"))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_split_files_are_refused_with_what_to_do(tmp_path):
+    write_tiny(tmp_path / "m-00001-of-00002.gguf", "llama", extra={"split.count": 2, "split.no": 0})
+    with pytest.raises(GGUFError, match=r"one of 2 parts of a split GGUF.*llama-gguf-split --merge"):
+        convert_gguf(tmp_path / "m-00001-of-00002.gguf", tmp_path / "mlx")
+    s = summarize(tmp_path / "m-00001-of-00002.gguf")
+    assert not s.runnable and "split" in s.reason

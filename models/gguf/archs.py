@@ -214,7 +214,13 @@ ARCHITECTURES: dict[str, Arch] = {
 
 
 def architecture_of(gg: GGUFFile) -> Arch:
-    """The `Arch` of an open file; raises GGUFError naming the supported ones."""
+    """The `Arch` of an open file; raises GGUFError naming the supported ones (or for a split file)."""
+    split = gg.metadata.get("split.count")
+    if isinstance(split, int) and split > 1:
+        raise GGUFError(
+            f"{gg.path.name} is one of {split} parts of a split GGUF, which kvchat cannot convert: "
+            "merge the parts into one file with llama.cpp's `llama-gguf-split --merge` and give that file."
+        )
     arch = gg.architecture
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]

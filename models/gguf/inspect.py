@@ -53,6 +53,9 @@ def summarize(path: Path) -> GGUFSummary:
 
 
 def _refusal(gg, arch_name, kept) -> str | None:
+    split = gg.metadata.get("split.count")
+    if isinstance(split, int) and split > 1:
+        return f"one of {split} parts of a split GGUF (merge them with llama-gguf-split --merge)"
     if arch_name not in ARCHITECTURES:
         return f"{arch_name or 'unknown'} architecture (kvchat converts {', '.join(ARCHITECTURES)})"
     arch = ARCHITECTURES[arch_name]
