@@ -46,8 +46,11 @@ REQUANT_BITS, REQUANT_GROUP = 8, 64
 EXACT_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K})
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 # Decoded and re-quantized: Q6_K by our own decoder, the rest by gguf-py's.
-REQUANTIZED_TYPES = frozenset({T.Q6_K, T.Q2_K, T.Q3_K, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S,
-                               T.IQ1_S, T.IQ1_M, T.IQ4_NL, T.IQ4_XS, T.TQ1_0, T.TQ2_0, T.MXFP4})
+REQUANTIZED_TYPES = frozenset(
+    T[name] for name in ("Q6_K", "Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
+                         "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4")
+    if name in T.__members__  # the newest types exist only in newer gguf-py releases
+)
 
 
 @dataclass
