@@ -107,10 +107,12 @@ def repack(raw: np.ndarray, type_id: int, shape: tuple[int, ...]) -> Quantized:
 
 
 def requantize(floats: np.ndarray) -> Quantized:
-    """Affine 8-bit, group-64 quantization of a float matrix with MLX's own quantizer."""
-    w, s, b = mx.quantize(mx.array(floats), group_size=REQUANT_GROUP, bits=REQUANT_BITS)
+    """Affine 8-bit quantization (groups of 64, else 32) of a float matrix with MLX's own quantizer."""
+    # rows of a 32-value type (IQ4_NL) need not be a multiple of 64 long
+    group = REQUANT_GROUP if floats.shape[-1] % REQUANT_GROUP == 0 else 32
+    w, s, b = mx.quantize(mx.array(floats), group_size=group, bits=REQUANT_BITS)
     mx.eval(w, s, b)
-    return Quantized(np.array(w), np.array(s), np.array(b), REQUANT_BITS, REQUANT_GROUP)
+    return Quantized(np.array(w), np.array(s), np.array(b), REQUANT_BITS, group)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
