@@ -79,8 +79,8 @@ def convert_gguf(
         plan = _plan(gg, arch)
         check_tokenizer(gg.metadata)
         config = arch.config(gg, arch)
-        requantized = sorted({type_name(i.type_id) for i, _ in plan if i.type_id not in FLOAT_TYPES}
-                             - {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"})
+        # Q6_K is re-quantized too, but by design (see quants): only the rest earns a warning
+        requantized = sorted({i.type_name for i, _ in plan if not is_exact(i.type_id) and i.type_name != "Q6_K"})
         if requantized:
             say(f"{gguf_path.name} holds {', '.join(requantized)} tensors, which MLX cannot run as they are: "
                 "kvchat decodes them and re-quantizes them to 8 bits (more memory than the file, values rounded "

@@ -23,9 +23,10 @@ its sub-block's range.
 
 Q6_K has 16-value groups, which MLX's kernels do not take (32, 64 and 128), so
 it is decoded to float32 and re-quantized to 8 bits with groups of 64 (its
-added error is measured in benchmarks/bench_gguf.py). Every other type
-(Q2_K, Q3_K, the IQ and TQ types, MXFP4, BF16 matrices) is decoded by gguf-py
-and re-quantized the same way, and the converter says so.
+added error is measured in benchmarks/bench_gguf.py). The other quantized
+types (Q2_K, Q3_K, the IQ and TQ types, MXFP4, NVFP4) are decoded by gguf-py
+and re-quantized the same way, and the converter says so. F32, F16 and BF16
+tensors stay float.
 """
 
 from __future__ import annotations
