@@ -42,6 +42,7 @@ class FoundModel:
     runnable: bool
     reason: str | None = None  # why kvchat cannot run it, or what is rounded
     digest: str | None = None  # sha256 of the GGUF where its store names it (Ollama)
+    parameters: int | None = None  # weights counted from a GGUF's tensor table
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,7 +243,8 @@ def _gguf_entry(name: str, source: str, path: Path, digest: str | None) -> Found
         return FoundModel(name, source, str(path), None, None, 0, False, "its GGUF file is missing", digest)
     s = summarize(path)
     note = s.reason if not s.runnable else (None if s.exact else "some tensors re-quantized to 8 bits")
-    return FoundModel(name, source, str(path), s.architecture, s.quant, _size(path), s.runnable, note, digest)
+    return FoundModel(name, source, str(path), s.architecture, s.quant, _size(path), s.runnable, note, digest,
+                      s.parameters or None)
 
 
 def _listdir(path: Path) -> list[str]:

@@ -101,6 +101,7 @@ def test_lists_each_model_by_its_own_name(machine):
     assert found["tiny:q4"].runnable and found["tiny:q4"].quant == "Q4_K"
     assert found["tiny:q4"].reason == "some tensors re-quantized to 8 bits"  # its Q6_K tensors
     assert found["tiny:q4"].digest == Path(found["tiny:q4"].path).name.removeprefix("sha256-")
+    assert found["tiny:q4"].parameters > 1_000_000  # from the tensor table: 2 layers of 256 wide, and the embedding
     assert found["acme/tiny8:latest"].runnable and found["acme/tiny8:latest"].reason is None  # Q8_0: exact
     alien = found["hf.co/someone/Alien-GGUF:Q4_K_M"]
     assert not alien.runnable and "bloom architecture" in alien.reason
