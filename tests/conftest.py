@@ -34,3 +34,15 @@ def embedded_model_path() -> Path:
     from models.embedded import ensure_embedded_model
 
     return ensure_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M (a real Ollama-style K-quant file), fetched once into the user cache."""
+    from models.embedded import cache_root
+    from real_gguf import fetch_gemma
+
+    found = fetch_gemma(cache_root())
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found

@@ -1,4 +1,4 @@
-"""The `kvchat` command line: the chat app by default, plus ask, info, setup, sessions and bench.
+"""The `kvchat` command line: the chat app by default, plus ask, info, models, setup, sessions and bench.
 
 Every user error ends as one sentence on stderr and exit code 2; a traceback
 means a bug in kvchat. Each command group is a module of this package that
@@ -22,6 +22,7 @@ from .bench import add_bench_parser  # noqa: E402
 from .chat import add_setup_parser, cmd_tui  # noqa: E402
 from .flags import EXIT_USAGE, Parser, UserError, add_cache_args, add_sampling_args  # noqa: E402
 from .info import add_info_parser  # noqa: E402
+from .models import add_models_parser  # noqa: E402
 from .sessions import add_sessions_parser  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole `kvchat` parser: the app's flags, then one subparser per command."""
     p = Parser(prog="kvchat", description="Chat with a local LLM in the terminal. With no command, opens the chat app.")
     p.add_argument("--version", action="version", version=f"kvchat {__version__}")
-    p.add_argument("--model", "-m", help="model: HF repo id, MLX/HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", "-m", help="model: a name from `kvchat models` (Ollama's qwen2.5:3b, LM Studio's publisher/model), HF repo id, MLX/HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--session", "-s", help="open (or create) this session in the app")
     add_cache_args(p)
     add_sampling_args(p)
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setup_parser(sub)
     add_sessions_parser(sub)
     add_bench_parser(sub)
+    add_models_parser(sub)
     return p
 
 

@@ -58,9 +58,10 @@ def _prepare_terminal_run(model: str | None) -> None:
     import sys
 
     from models.errors import ModelError
+    from models.progress import to_stderr
 
     try:
-        ensure_embedded_model(progress=lambda m: print(m, file=sys.stderr, flush=True))
+        ensure_embedded_model(progress=to_stderr)
     except ModelError:
         pass  # the app starts anyway and shows the error where the user can pick another model
 

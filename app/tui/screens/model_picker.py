@@ -1,4 +1,4 @@
-"""Choose a model: the embedded default, one from the HF cache, or a typed path/repo id."""
+"""Choose a model: the embedded default, one from the HF cache, Ollama or LM Studio, or a typed name, path or repo id."""
 
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ class ModelPicker(ModalScreen[str | None]):
         with Vertical(classes="dialog -picker"):
             yield Label("Choose a model", classes="dialog-title")
             yield Input(
-                placeholder="Path to a model folder or .gguf, or a Hugging Face repo id — Enter loads",
+                placeholder="Ollama or LM Studio name, path to a model folder or .gguf, or a Hugging Face repo id — Enter loads",
                 id="spec",
             )
             yield OptionList(id="models")
             yield Static(
-                "Models in the Hugging Face cache load offline; a new repo id downloads first.",
+                "Listed models load offline (a GGUF converts once); a new repo id downloads first.",
                 classes="dialog-hint",
             )
 
@@ -57,9 +57,11 @@ class ModelPicker(ModalScreen[str | None]):
         options.clear_options()
         for c in choices:
             mark = "● " if c.spec == self.current or c.label == self.current else "  "
-            options.add_option(Option(Text.assemble(mark, c.label, "  ", (c.detail, "dim")), id=c.spec))
+            options.add_option(Option(Text.assemble(mark, c.label, "  ", (c.detail, "dim")), id=c.spec,
+                                      disabled=not c.runnable))
         if len(choices) == 1:
-            options.add_option(Option(Text("  no other models in the Hugging Face cache", style="dim"), disabled=True))
+            options.add_option(Option(Text("  no other models in the Hugging Face cache, Ollama or LM Studio",
+                                           style="dim"), disabled=True))
         options.highlighted = 0
 
     def action_focus_list(self) -> None:
