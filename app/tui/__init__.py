@@ -55,8 +55,6 @@ def _prepare_terminal_run(model: str | None) -> None:
 
     if is_converted(embedded_model_dir()):
         return
-    import sys
-
     from models.errors import ModelError
     from models.progress import to_stderr
 
