@@ -35,6 +35,7 @@ COMMANDS: dict[str, list[str]] = {
     "quality": ["-m", "app", "bench", "quality", "--json"],
     "tui": ["benchmarks/bench_tui.py"],
     "markdown": ["benchmarks/bench_markdown.py"],
+    "gguf": ["benchmarks/bench_gguf.py"],
     # a3f2143: the last commit before the window was drawn first
     "startup": ["benchmarks/bench_startup.py", "--before", "a3f2143", "--rounds", "7"],
 }
@@ -228,6 +229,27 @@ def table_markdown(r: dict[str, Any]) -> str:
     ])
 
 
+def table_gguf(r: dict[str, Any]) -> str:
+    c, load = r["conversion"], r["load"]
+    p = c["phases_s"]
+    rows = [
+        "| | measured | goal |",
+        "|---|---:|---|",
+        f"| weight repacking rate, nothing beside it | {c['weight_rate_alone_per_s'] / 1e6:.0f} M weights/s | |",
+        f"| weight repacking rate while the tokenizer builds beside it | {c['weight_rate_per_s'] / 1e6:.0f} M weights/s | |",
+        f"| whole conversion of {c['weights'] / 1e6:.0f} M weights (header {p['header']} s, weights {p['weights']} s, "
+        f"write {p['write']} s, tokenizer {p['tokenizer_in_parallel']} s in parallel) | {c['seconds']} s | |",
+        f"| a 3B Q4_K_M model, extrapolated (header + weights + write at the measured rates) | "
+        f"**{c['extrapolated_3b_s']:.0f} s** ({c['extrapolated_3b_s_pessimistic']:.0f} s at the slower rate) | "
+        f"under a minute: {'met' if c['extrapolated_3b_s_pessimistic'] < 60 else 'missed'} |",
+        f"| loading the converted folder: kvchat / mlx-lm's `load` of the same folder | **{load['ratio']:.2f}x** "
+        f"({load['kvchat_load_s']:.1f} s / {load['mlx_lm_load_s']:.1f} s) | as fast (within noise) |",
+        f"| the same with kvchat's float32 expansion on the CPU (`models/cpu.py`) | {load['ratio_float32']:.2f}x | |",
+        f"| Q6_K re-quantized to 8-bit groups of 64: total error / Q6_K's own | {r['rounding']['q6_k_total_vs_own']:.3f}x | |",
+    ]
+    return "\n".join(rows + ["", f"On {r['file']} ({r['file_bytes'] / 1e6:.0f} MB), best of {load['rounds']} loads."])
+
+
 def table_startup(r: dict[str, Any]) -> str:
     def cell(side: str, key: str) -> str:
         runs = r[side][key]["runs_s"]
@@ -253,6 +275,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "tui": table_tui,
     "markdown": table_markdown,
     "startup": table_startup,
+    "gguf": table_gguf,
 }
 
 
