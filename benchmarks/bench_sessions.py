@@ -169,11 +169,11 @@ def plain_read(paths: list[Path], sizes: list[int], buf: bytearray) -> None:
 
 
 def session_files(store: SessionStore, name: str) -> list[Path]:
-    """kvchat's files of one session: the index, then each block file it names (in token order)."""
+    """kvchat's files of one session: the index, then each pack (or block file) it names, in token order."""
     index_path = store.sessions_dir / f"{name}.json"
     index = json.loads(index_path.read_text())
     kv = index["kv"]
-    files = [store.blocks_dir / b["file"] for b in kv["blocks"]]
+    files = [store.blocks_dir / b["file"] for b in kv.get("packs", kv["blocks"])]
     for extra in (kv.get("window"), kv.get("checkpoint")):
         if extra and extra.get("file"):
             files.append(store.blocks_dir / extra["file"])
