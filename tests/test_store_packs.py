@@ -141,3 +141,24 @@ def test_a_flip_in_the_part_of_a_pack_a_session_does_not_use_is_still_refused(kv
         with pytest.raises(SessionCorrupt):
             store.load(name, [FullKVCache(CONFIG) for _ in range(2)])
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+
+
+def test_a_large_pack_read_by_two_threads_beside_its_checksum_loads_bitwise(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import tensorfile
+
+    monkeypatch.setattr(tensorfile, "_HASH_ASIDE", 1)  # every file takes the path of packs over 16 MiB
+    store = SessionStore(tmp_path)
+    caches = caches_of(kv, N + 100)
+    index = save(store, "a", list(range(N + 100)), caches)
+    assert loads_as(store, "a", caches)
+    path = store.blocks_dir / index["kv"]["packs"][0]["file"]
+    size = path.stat().st_size
+    for pos in (size // 4, size // 2 + 1, size - 1):  # in each half of the scatter, and the last byte
+        data = bytearray(path.read_bytes())
+        data[pos] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(SessionCorrupt):
+            store.load("a", [FullKVCache(CONFIG) for _ in range(2)])
+        data[pos] ^= 1
+        path.write_bytes(bytes(data))
+    assert loads_as(store, "a", caches)
