@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import mlx.core as mx
+
 from .hostmem import Rows
 from .tensorfile import Header, encode_rows
 
@@ -128,8 +130,6 @@ def same_rows(path: Path, header: Header, info: PackInfo, ours: PlaneRows, lo: i
 
 def plane_rows(caches: Sequence[Any], block_layers: Sequence[int], keep: list[Any]) -> PlaneRows:
     """The block layers' planes as rows; `keep` receives the MLX arrays the rows point into (alive until written)."""
-    import mlx.core as mx
-
     rows: dict[str, Rows] = {}
     fp: dict[int, tuple[int, Rows, Rows]] = {}
     for i in block_layers:
