@@ -162,3 +162,40 @@ def test_a_large_pack_read_by_two_threads_beside_its_checksum_loads_bitwise(kv, 
         data[pos] ^= 1
         path.write_bytes(bytes(data))
     assert loads_as(store, "a", caches)
+
+
+@pytest.mark.parametrize("keep_fp", [300, 2000])
+def test_a_quantized_session_with_a_float_head_shares_part_of_a_pack_bitwise(tmp_path, keep_fp):
+    """q4 with keep_fp: the float head covers a pack's leading tokens, or more than the session takes from it."""
+    config = CacheConfig(k_bits=4, v_bits=4, keep_fp=keep_fp)
+    mx.random.seed(12)
+    k = mx.random.normal((1, 2, N, 64)).astype(mx.float16)  # group 64 needs heads of 64
+    v = mx.random.normal((1, 2, N, 64)).astype(mx.float16)
+
+    def q4(n: int) -> list[FullKVCache]:
+        out = []
+        for i in range(2):
+            c = FullKVCache(config)
+            for lo in range(0, n, 512):  # in prefill-sized chunks, the same for every session
+                hi = min(n, lo + 512)
+                c.update_and_fetch(k[..., lo:hi, :] + i, v[..., lo:hi, :])
+            out.append(c)
+        return out
+
+    def put(name: str, n: int) -> dict:
+        store.save(name, messages=[], tokens=list(range(n)), caches=q4(n), cache_config=config, model_name="m",
+                   model_fingerprint="f", sampling={}, title=name)
+        return store.index(name)[0]
+
+    def same(name: str, n: int) -> bool:
+        fresh = [FullKVCache(config) for _ in range(2)]
+        store.load(name, fresh)
+        return all(all(mx.array_equal(p, q).item() for p, q in zip(
+            a.temporal_planes()[0] + a.temporal_planes()[1] + a.float_head(),
+            b.temporal_planes()[0] + b.temporal_planes()[1] + b.float_head())) for a, b in zip(q4(n), fresh))
+
+    store = SessionStore(tmp_path)
+    a = put("a", N)
+    b = put("b", 5 * BLOCK_TOKENS + 9)
+    assert b["kv"]["blocks"][0]["file"] == a["kv"]["packs"][0]["file"]  # 5 of its 8 blocks: shared
+    assert same("a", N) and same("b", 5 * BLOCK_TOKENS + 9)
