@@ -23,7 +23,7 @@ are checked equal (``same_data``), so both sides store the same bytes.
               planes: read, every byte verified, caches ready for the next token;
     mlx-lm    ``load_prompt_cache(file)`` then ``mx.eval([c.state for c in cache])``
               (mlx-lm checks nothing);
-    plain     every byte of kvchat's files (the index, then each block file the
+    plain     every byte of kvchat's files (the index, then each pack file the
               index names) read sequentially with ``readinto`` into one bytearray
               allocated once before the rounds: the machine's read speed.
   Sides alternate (the order rotates each round), best of --rounds and median,
