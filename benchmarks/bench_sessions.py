@@ -23,7 +23,7 @@ are checked equal (``same_data``), so both sides store the same bytes.
               planes: read, every byte verified, caches ready for the next token;
     mlx-lm    ``load_prompt_cache(file)`` then ``mx.eval([c.state for c in cache])``
               (mlx-lm checks nothing);
-    plain     every byte of kvchat's files (the index, then each block file the
+    plain     every byte of kvchat's files (the index, then each pack file the
               index names) read sequentially with ``readinto`` into one bytearray
               allocated once before the rounds: the machine's read speed.
   Sides alternate (the order rotates each round), best of --rounds and median,
@@ -169,11 +169,11 @@ def plain_read(paths: list[Path], sizes: list[int], buf: bytearray) -> None:
 
 
 def session_files(store: SessionStore, name: str) -> list[Path]:
-    """kvchat's files of one session: the index, then each block file it names (in token order)."""
+    """kvchat's files of one session: the index, then each pack (or block file) it names, in token order."""
     index_path = store.sessions_dir / f"{name}.json"
     index = json.loads(index_path.read_text())
     kv = index["kv"]
-    files = [store.blocks_dir / b["file"] for b in kv["blocks"]]
+    files = [store.blocks_dir / b["file"] for b in kv.get("packs", kv["blocks"])]
     for extra in (kv.get("window"), kv.get("checkpoint")):
         if extra and extra.get("file"):
             files.append(store.blocks_dir / extra["file"])

@@ -19,6 +19,7 @@ from models.engine import Engine, Finished
 from models.sample import GREEDY
 
 from store_v1_writer import write_v1
+from store_v2_writer import write_v2
 
 SAMPLING = GREEDY.with_(max_tokens=6)
 LONG = "Answer in the voice of a patient teacher who explains every step. " * 9  # more than two blocks of tokens
@@ -62,19 +63,20 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_v1_sessions_open_bitwise_and_move_to_v2_on_the_next_save(engine, tmp_path, kind):
+def test_v1_and_v2_sessions_open_bitwise_and_move_to_v3_on_the_next_save(engine, tmp_path, kind, version):
     config = CONFIGS[kind]
     live = Chat(engine, config, SAMPLING)
     live.set_system(LONG) if config.kind == "full" else None
     turn(live, "Hello there, how are you doing today my friend?")
     root = tmp_path / "home"
-    write_v1(root, "old", messages=live.messages, tokens=live.state.tokens, caches=live.state.caches,
+    (write_v1 if version == 1 else write_v2)(root, "old", messages=live.messages, tokens=live.state.tokens, caches=live.state.caches,
              cache_config=config, model_name=engine.loaded.name, model_fingerprint=engine.loaded.fingerprint,
              sampling=SAMPLING.to_dict(), title="old")
     store = SessionStore(root)
     v1_files = digests(root)
-    assert json.loads((root / "sessions" / "old.json").read_text())["version"] == 1
+    assert json.loads((root / "sessions" / "old.json").read_text())["version"] == version
 
     resumed = Chat.open(engine, store, "old", sampling=SAMPLING)
     assert resumed.state.tokens == live.state.tokens and same_caches(live.state.caches, resumed.state.caches)
@@ -87,10 +89,13 @@ def test_v1_sessions_open_bitwise_and_move_to_v2_on_the_next_save(engine, tmp_pa
     turn(resumed, "Tell me more.")
     resumed.close()
     index = json.loads((root / "sessions" / "old.json").read_text())
-    assert index["version"] == 2 and index["checksum"].startswith("xxh3_128:")
+    assert index["version"] == 3 and index["checksum"].startswith("xxh3_128:")
     if config.kind == "full":
-        kept = [e for e in index["kv"]["blocks"] if "sha256" in e]
-        assert kept and all(f"blocks/{e['file']}" in v1_files for e in kept)  # unchanged v1 blocks are kept, not rewritten
+        kept = [e for e in index["kv"]["packs"] if f"blocks/{e['file']}" in v1_files]
+        assert kept and all(e["end"] - e["start"] == 256 for e in kept)  # unchanged old blocks are kept, not rewritten
+        assert all(("sha256" in e) == (version == 1) for e in kept)  # with the checksum they were written with
+        new = [e for e in index["kv"]["packs"] if e not in kept]
+        assert new and all(e["file"] not in v1_files for e in new)
     again = Chat.open(engine, store, "old", sampling=SAMPLING)
     assert same_caches(resumed.state.caches, again.state.caches)
     again.close()
@@ -161,27 +166,28 @@ def test_a_save_failing_at_any_step_leaves_the_last_save_opening_bitwise(engine,
     shutil.copytree(template, probe)
     durable.count_operations()
     save(SessionStore(probe))
-    steps = durable.operations_counted()
-    durable.fail_at(None)
-    assert steps >= 6  # block writes, syncs and links, then the index
-    for k in range(1, steps + 1):
+    ops = durable.operations_seen()
+    durable.fail_on(None)
+    kinds = {what for what, _, _ in ops}
+    assert len(ops) >= 6 and {"create", "write", "fsync", "link", "rename"} <= kinds, ops
+    for k, op in enumerate(ops):
         root = tmp_path / f"crash-{k}"
         shutil.copytree(template, root)
         st = SessionStore(root)
-        durable.fail_at(k)
+        durable.fail_on(op)  # exactly this operation fails, whichever thread reaches it first
         try:
             save(st)
             failed = False
         except StoreError:
             failed = True
         finally:
-            durable.fail_at(None)
+            durable.fail_on(None)
         caches = [make_layer_cache(config) for _ in live.state.caches]
         data = st.load("s", caches)
         if data.tokens == first_tokens:
-            assert failed and same_caches(first, caches), k
+            assert failed and same_caches(first, caches), op
         else:  # only a failure after the new index was in place can leave the new state
-            assert data.tokens == live.state.tokens and same_caches(live.state.caches, caches), k
+            assert data.tokens == live.state.tokens and same_caches(live.state.caches, caches), op
         save(st)  # and the next save goes through
         caches = [make_layer_cache(config) for _ in live.state.caches]
         assert st.load("s", caches).tokens == live.state.tokens and same_caches(live.state.caches, caches)

@@ -537,16 +537,21 @@ MALFORMED = {
     "offset-as-text": _set("kv.layers.0.offset", "407"),
     "negative-offset": _set("kv.layers.0.offset", -1),
     "negative-block-start": _set("kv.blocks.0.start", -1),
-    "block-without-checksum": _set("kv.blocks.0.xxh3_128", _DELETE),
-    "block-size-as-text": _set("kv.blocks.0.bytes", "524728"),
+    "pack-without-checksum": _set("kv.packs.0.xxh3_128", _DELETE),
+    "pack-size-as-text": _set("kv.packs.0.bytes", "524728"),
+    "pack-listed-twice": lambda body: body["kv"]["packs"].append(dict(body["kv"]["packs"][0])),
+    "pack-shorter-than-its-block": _set("kv.packs.0.end", 1),
+    "pack-start-inside-a-block": _set("kv.packs.0.start", 3),
+    "block-naming-no-pack": _set("kv.blocks.0.file", "f" * 64 + ".safetensors"),
+    "block-without-pack": _set("kv.blocks.0.file", _DELETE),
     "token-too-large": _set("tokens.5", 2**32),
     "negative-token": _set("tokens.5", -1),
     "token-as-float": _set("tokens.5", 1.5),
     "message-not-text": _set("messages.1.content", 5),
     "message-without-role": _set("messages.1.role", _DELETE),
     "messages-not-a-list": _set("messages", "hello"),
-    "file-outside-the-store": _set("kv.blocks.0.file", "../sessions/trip.json"),
-    "file-far-outside": _set("kv.blocks.0.file", "../../../../etc/passwd"),
+    "file-outside-the-store": _set("kv.packs.0.file", "../sessions/trip.json"),
+    "file-far-outside": _set("kv.packs.0.file", "../../../../etc/passwd"),
     "title-null": _set("title", None),
     "unknown-float-type": _set("kv.dtype", "int8"),
     "unknown-layer-kind": _set("kv.layers.0.kind", "mystery"),
@@ -561,7 +566,7 @@ def test_a_malformed_index_with_a_valid_checksum_is_damaged(engine, home, case):
     body = json.loads(path.read_bytes())
     body.pop("checksum")
     MALFORMED[case](body)
-    path.write_bytes(index_bytes(body))  # a correct v2 checksum over the malformed body
+    path.write_bytes(index_bytes(body))  # a correct checksum over the malformed body
     before = digests(home)
     store = SessionStore(home)
     with pytest.raises(SessionCorrupt, match=r"Session 'trip' is damaged \(its index is malformed: "):

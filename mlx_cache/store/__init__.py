@@ -6,7 +6,7 @@ its keys and values come back from disk. The layout (see
 
     <root>/sessions/<name>.json          the index: messages, token ids, block list, checksums
     <root>/sessions/.locks/<name>.lock   flock'ed while a process has the session open
-    <root>/blocks/<key>.safetensors      KV of up to 256 tokens, all layers (full caches)
+    <root>/blocks/<key>.safetensors      a pack: KV of a run of 256-token blocks, all layers (full caches)
     <root>/blocks/w-<xxh3>.safetensors   a rotating window (or model state) snapshot
     <root>/blocks/c-<xxh3>.safetensors   the window as it was at the end of the last prompt
     <root>/store.lock                    shared by writers and readers, exclusive for gc
@@ -14,10 +14,11 @@ its keys and values come back from disk. The layout (see
 One module per concept: ``errors`` (one-sentence failures, names), ``durable``
 (every write, sync, link and rename), ``hostmem`` (MLX memory as byte
 buffers), ``tensorfile`` (safetensors files, checksums), ``index`` (schema,
-versions, values), ``locks``, ``layers`` (what a cache hands over), ``save``,
-``load``, ``prefix`` (a new chat borrowing stored blocks), ``manage`` (rename,
-remove, fork, gc), ``export``, and the ``SessionStore`` facade. Only mlx, numpy, xxhash, platformdirs and the standard library are
-imported here.
+versions, values), ``packs`` (how blocks lie in pack files), ``locks``,
+``layers`` (what a cache hands over), ``save``, ``load``, ``prefix`` (a new
+chat borrowing stored blocks), ``manage`` (rename, remove, fork, gc),
+``export``, and the ``SessionStore`` facade. Only mlx, numpy, xxhash,
+platformdirs and the standard library are imported here.
 """
 
 from .errors import (

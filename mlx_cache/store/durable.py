@@ -32,7 +32,7 @@ _F_FULLFSYNC = getattr(fcntl, "F_FULLFSYNC", None)  # macOS only
 # -- failure injection --------------------------------------------------------------
 
 _fault_lock = threading.Lock()
-_fault: dict[str, int] = {}  # {"countdown": n}: the n-th operation from now raises
+_fault: dict[str, object] = {}  # {"countdown": n} or {"target": op}: that operation raises; {"seen": [ops]} records
 
 
 def fail_at(n: int | None) -> None:
@@ -43,27 +43,65 @@ def fail_at(n: int | None) -> None:
             _fault["countdown"] = n
 
 
-def operations_counted() -> int:
-    """Operations performed since :func:`count_operations` (for choosing fault points)."""
+def fail_on(op: tuple[str, str, int] | None) -> None:
+    """Make the operation `op` (as :func:`operations_seen` names it) raise OSError(EIO); None disarms.
+
+    Saves sync their files in parallel, so the n-th operation is not always
+    the same one: naming it fails exactly that one in every run.
+    """
     with _fault_lock:
-        return _fault.get("seen", 0)
+        _fault.clear()
+        if op is not None:
+            _fault["target"] = op
+            _fault["counts"] = {}
 
 
 def count_operations() -> None:
-    """Start counting operations without failing any."""
+    """Start recording operations without failing any."""
     with _fault_lock:
         _fault.clear()
-        _fault["seen"] = 0
+        _fault["seen"] = []
+        _fault["counts"] = {}
+
+
+def operations_seen() -> list[tuple[str, str, int]]:
+    """Operations since :func:`count_operations`: (what, file name with temp names shown as "tmp:NAME", occurrence)."""
+    with _fault_lock:
+        return list(_fault.get("seen", []))  # type: ignore[arg-type]
+
+
+def operations_counted() -> int:
+    """How many operations :func:`count_operations` has seen."""
+    return len(operations_seen())
+
+
+def _op_name(path: Path | str) -> str:
+    name = Path(path).name
+    if is_temp(name):  # ".NAME.<pid>-<random>.tmp": the random part differs in every run
+        return "tmp:" + name[1:].rsplit(".", 2)[0]
+    return name
 
 
 def _step(what: str, path: Path | str) -> None:
     if not _fault:
         return
     with _fault_lock:
-        if "seen" in _fault:
-            _fault["seen"] += 1
+        counts = _fault.get("counts")
+        op = None
+        if isinstance(counts, dict):
+            base = (what, _op_name(path))
+            counts[base] = counts.get(base, 0) + 1
+            op = (*base, counts[base])
+        seen = _fault.get("seen")
+        if isinstance(seen, list):
+            seen.append(op)
+        if "target" in _fault:
+            if op == _fault["target"]:
+                _fault.clear()
+                raise OSError(errno.EIO, f"injected failure of {what}", str(path))
+            return
         n = _fault.get("countdown")
-        if n is None:
+        if not isinstance(n, int):
             return
         if n <= 1:
             _fault.clear()

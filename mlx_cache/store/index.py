@@ -1,10 +1,13 @@
 """The session index: its strict schema, its bytes and checksum, and the values read from it.
 
-Version 2 (written now) differs from version 1 in three fields: the index
-checksum is xxh3-128 (``"checksum": "xxh3_128:<hex>"``, sha256 hex in v1),
-new KV files carry an ``xxh3_128`` checksum (files kept from a v1 session keep
-their ``sha256``), and ``kv.dtype`` records the float type the KV was computed
-in. Both versions are read; see ``docs/session-format.md``.
+Version 3 (written now) lists the KV files in ``kv.packs`` (a pack holds the
+blocks of a token range, see ``packs.py``) and each block names its pack.
+Version 2 named one file per block (with its size and checksum) and differed
+from version 1 in three fields: the index checksum is xxh3-128
+(``"checksum": "xxh3_128:<hex>"``, sha256 hex in v1), new KV files carry an
+``xxh3_128`` checksum (files kept from a v1 session keep their ``sha256``),
+and ``kv.dtype`` records the float type the KV was computed in. All three
+versions are read; see ``docs/session-format.md``.
 
 Anything malformed is refused even when its checksum is valid: a checksum only
 proves the bytes are what some writer wrote, not that a reader can use them.
@@ -26,8 +29,8 @@ from ..config import CacheConfig, CacheConfigError
 from .tensorfile import CHECKSUMS
 
 FORMAT_NAME = "kvchat-session"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 BLOCK_TOKENS = 256  # tokens per KV block: small enough to share system prompts, big enough to keep files few
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -49,7 +52,7 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def index_bytes(index: dict[str, Any]) -> bytes:
-    """A version-2 index file: canonical JSON with its xxh3-128 checksum as the first key.
+    """A version-2 or -3 index file: canonical JSON with its xxh3-128 checksum as the first key.
 
     The checksum covers the bytes that follow it (see :func:`checksum_ok`).
     """
@@ -60,7 +63,7 @@ def index_bytes(index: dict[str, Any]) -> bytes:
 def checksum_ok(version: int, checksum: Any, body: dict[str, Any], raw: bytes) -> bool:
     """Whether the index file's bytes pass their checksum.
 
-    Version 2: the file is ``{"checksum":"xxh3_128:<hex>",`` and then the rest
+    Versions 2 and 3: the file is ``{"checksum":"xxh3_128:<hex>",`` and then the rest
     of the canonical JSON, as :func:`index_bytes` writes it, and the checksum
     covers those bytes exactly. (Checking the canonical JSON of the parsed
     value instead would let a flipped digit through where it names the same
@@ -101,12 +104,18 @@ def chain_keys(fingerprint: str, config_json: bytes, tokens: Sequence[int], bloc
     return keys
 
 
+def packs_of(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The block files of an index: its packs (v3), or one entry per block (v1, v2: each block is its own file)."""
+    kv = index["kv"]
+    return kv["packs"] if "packs" in kv else kv["blocks"]
+
+
 def file_entries(index: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """Every KV file an index names (blocks, window snapshot, checkpoint)."""
+    """Every KV file an index names once (block files or packs, window snapshot, checkpoint)."""
     if not index:
         return
     kv = index["kv"]
-    yield from kv["blocks"]
+    yield from (kv["packs"] if isinstance(kv.get("packs"), list) else kv["blocks"])
     for key in ("window", "checkpoint"):
         e = kv.get(key)
         if e is not None and e.get("file"):
@@ -215,14 +224,37 @@ def validate(index: dict[str, Any], version: int) -> None:
         _need(layer["dtype"] is None or layer["dtype"] in FLOAT_DTYPES, f"{what} has an unknown dtype")
         _need(layer["dtype"] is not None or layer["offset"] == 0, f"{what} holds tokens but names no dtype")
     _need(isinstance(kv["blocks"], list), "kv.blocks is not a list")
+    packs: dict[str, dict[str, Any]] = {}
+    if version >= 3:
+        _need(isinstance(kv.get("packs"), list), "kv.packs is not a list")
+        for p, e in enumerate(kv["packs"]):
+            _dict(e, f"pack {p}", ("start", "end"))
+            _file_entry(e, f"pack {p}")
+            _need(_int(e["start"]) and _int(e["end"]) and e["end"] > e["start"] and e["start"] % kv["block_tokens"] == 0,
+                  f"pack {p} has a bad token range")
+            _need(e["file"] not in packs, f"pack {p} is listed twice")
+            packs[e["file"]] = e
     expected = 0
+    used: set[str] = set()
     for j, e in enumerate(kv["blocks"]):
         _dict(e, f"block {j}", ("key", "start", "end"))
-        _file_entry(e, f"block {j}")
+        if version >= 3:
+            _dict(e, f"block {j}", ("file",))
+            pack = packs.get(e["file"]) if isinstance(e["file"], str) else None
+            _need(pack is not None, f"block {j} names no pack of the index")
+            _need(_int(e["start"]) and _int(e["end"]) and pack["start"] <= e["start"] and e["end"] <= pack["end"]
+                  and (e["start"] - pack["start"]) % kv["block_tokens"] == 0, f"block {j} lies outside its pack")
+            used.add(e["file"])
+        else:
+            _file_entry(e, f"block {j}")
         _need(isinstance(e["key"], str) and bool(_KEY_RE.match(e["key"])), f"block {j} has a bad key")
         _need(_int(e["start"]) and _int(e["end"]) and e["start"] == expected and e["end"] > e["start"], "block ranges")
         _need(e["end"] - e["start"] <= kv["block_tokens"], f"block {j} is longer than a block")
+        if version >= 3:
+            pack = packs[e["file"]]
+            _need(e["end"] - e["start"] == kv["block_tokens"] or e["end"] == pack["end"], f"block {j} ends inside its pack")
         expected = e["end"]
+    _need(used == set(packs), "a pack is listed that no block uses")
     if any(layer["kind"] == "blocks" and layer["offset"] for layer in kv["layers"]):
         _need(expected == len(tokens), "the blocks do not cover the tokens")
         _need(all(layer["offset"] == len(tokens) for layer in kv["layers"] if layer["kind"] == "blocks"),

@@ -1,14 +1,15 @@
 """Loading a session's KV: every file read straight into each layer's final buffer, and verified.
 
-Where the time goes (16K tokens of fp16 KV, 64 block files, 378 MB): the first
-version read each file into Python bytes, hashed it with sha256, copied each
-block's tensors into MLX and assembled the planes with one slice update per
-block and plane; most of the time went to that assembly and the copies. Now
-each layer's planes are allocated once at their final size, and ``preadv``
-scatters each block file's bytes into their places (each head's token range is
-one buffer of the read), so the bytes are read from the disk or page cache
-once and written once; the xxh3-128 checksum then runs over the same buffers.
-Two threads read and hash different blocks (both release the GIL).
+Where the time goes (16K tokens of fp16 KV, 378 MB): the first version read
+each file into Python bytes, hashed it with sha256, copied each block's
+tensors into MLX and assembled the planes with one slice update per block and
+plane; most of the time went to that assembly and the copies. Now each
+layer's planes are allocated once at their final size, and ``preadv``
+scatters each pack's bytes into their places (each head's token range is one
+buffer of the read), so the bytes are read from the disk or page cache once
+and written once; the xxh3-128 checksum runs over the file's pages beside
+the scatter. Two threads read different packs (both release the GIL); a
+large pack is hashed on a second thread while the first scatters it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import numpy as np
 from ..config import CacheConfig
 from . import hostmem, tensorfile
 from .errors import StoreError, corrupt
-from .index import checksum_of, kv_dtype_of
+from .index import BLOCK_TOKENS, checksum_of, kv_dtype_of, packs_of
 from .layers import Layer, check_layer, n_planes, unflatten_state, window_layer
 from .hostmem import dtype_name
+from .packs import info_of
 from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header
 
 _READERS = 2  # threads reading and hashing block files
-BLOCK_VERSIONS = ("1", "2")  # block/snapshot file versions this code reads
+SNAPSHOT_VERSIONS = ("1", "2")  # snapshot file versions this code reads
 
 
 def _advise_willneed(paths: list[Path]) -> None:
@@ -70,7 +72,7 @@ def read_snapshot(name: str, blocks_dir: Path, entry: dict[str, Any], expect: st
         arrays, meta = tensorfile.read_arrays(path, entry["bytes"], algorithm, want)
     except (OSError, ValueError) as e:
         raise _read_error(name, entry, e, path) from None
-    if meta.get("format") != expect or meta.get("version") not in BLOCK_VERSIONS:
+    if meta.get("format") != expect or meta.get("version") not in SNAPSHOT_VERSIONS:
         raise corrupt(name, f"{entry['file']} is not a {expect} file")
     return arrays
 
@@ -139,32 +141,65 @@ class _Planes:
             # (buffer, offset of each (batch, head) row block, token capacity, bytes per token, dtype code)
             self._geometry[tname] = (self.flat[tname], tuple(bh * t * row for bh in range(b * hh)), t, row, code)
 
-    def plan(self, entry: dict[str, Any], header: Header) -> list[memoryview]:
-        """The buffers a block's tensor bytes go to, in file order (see tensorfile.Plan)."""
-        start, end = entry["start"], entry["end"]
-        fp_lengths = tuple(min(end, fp) - start for fp in self.fp.values() if start < fp)
-        key = (id(header.tensors), end - start, fp_lengths)
-        cached = self._templates.get(key)
+    def plan(self, pack: dict[str, Any], blocks: list[dict[str, Any]], header: Header) -> list[memoryview]:
+        """The buffers a pack's tensor bytes go to, in file order (see tensorfile.Plan).
+
+        `blocks` are the index's blocks that this pack holds for the session
+        (all of them, or the leading ones after an edit or for a lent prefix);
+        rows of tokens the session does not use are read into scratch, so the
+        checksum still covers the whole file.
+        """
+        info = info_of(header, pack["start"], BLOCK_TOKENS)
+        ps, pe = info.start, info.end
+        if (ps, pe) != (pack["start"], pack["end"]):
+            raise ValueError(f"holds tokens {ps}-{pe}, not {pack['start']}-{pack['end']} as its index says")
+        for b in blocks:
+            j = (b["start"] - ps) // BLOCK_TOKENS
+            if info.keys[j] != b["key"]:
+                raise ValueError("holds another block than its index says")
+        used = _runs([(b["start"], b["end"]) for b in blocks])
+        whole = used == [(ps, pe)]
+        fp_lengths = tuple(min(pe, fp) - ps for fp in self.fp.values() if ps < fp)
+        key = (id(header.tensors), pe - ps, fp_lengths)
+        cached = self._templates.get(key) if whole else None
         if cached is not None and cached[0] is header.tensors:
             # (buffer, byte offset of the head's rows, bytes per token, tokens) in file order
-            return [flat[base + start * row : base + (start + n) * row] for flat, base, row, n in cached[1]]
-        if set(header.tensors) != self.names(start):
+            return [flat[base + ps * row : base + (ps + n) * row] for flat, base, row, n in cached[1]]
+        if set(header.tensors) != self.names(ps):
             raise ValueError("holds other tensors than its index says")
         targets: dict[str, list[memoryview]] = {}
-        template: list[tuple[memoryview, int, int, int]] | None = []
+        template: list[tuple[memoryview, int, int, int]] | None = [] if whole else None
         for tname, spec in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
             flat, bases, t, row, code = self._geometry[tname]
-            n = (min(end, t) - start) if tname.endswith("fp") else end - start
             shape = self.hosts[tname].shape
-            if spec.shape != (shape[0], shape[1], n, shape[3]):
+            n = spec.shape[2] if len(spec.shape) == 4 else -1
+            if tname.endswith("fp"):
+                need = min(used[-1][1], self.fp[int(tname.partition(".")[0])]) - ps
+                ok = need <= n <= pe - ps
+                keep = [(lo, min(hi, ps + need)) for lo, hi in used if lo < ps + need]
+                if need != n:
+                    template = None  # rows past the session's float head: scratch, not a template
+            else:
+                ok, keep = n == pe - ps, used
+            if not ok or spec.shape != (shape[0], shape[1], n, shape[3]):
                 raise ValueError(f"holds tensor {tname} of shape {list(spec.shape)}, not {[shape[0], shape[1], n, shape[3]]}")
             if spec.dtype != code:
                 if "U32" in (spec.dtype, code):
                     raise ValueError(f"holds tensor {tname} as {spec.dtype}, not {code}")
-                targets[tname] = self._converted(tname, spec.dtype, code, spec.shape, start, n)
+                targets[tname] = self._converted(tname, spec.dtype, code, spec.shape, ps, keep)
                 template = None
                 continue
-            targets[tname] = [flat[base + start * row : base + (start + n) * row] for base in bases]
+            pieces: list[memoryview] = []
+            for base in bases:
+                at = ps
+                for lo, hi in keep:
+                    if lo > at:
+                        pieces.append(_scratch((lo - at) * row))
+                    pieces.append(flat[base + lo * row : base + hi * row])
+                    at = hi
+                if ps + n > at:
+                    pieces.append(_scratch((ps + n - at) * row))
+            targets[tname] = pieces
             if template is not None:
                 template.extend((flat, base, row, n) for base in bases)
         ordered = tensorfile.in_file_order(header, targets)
@@ -172,13 +207,15 @@ class _Planes:
             self._templates[key] = (header.tensors, template)
         return ordered
 
-    def _converted(self, tname: str, code: str, host_code: str, shape: tuple[int, ...], start: int, n: int) -> list[memoryview]:
+    def _converted(self, tname: str, code: str, host_code: str, shape: tuple[int, ...], ps: int,
+                   keep: list[tuple[int, int]]) -> list[memoryview]:
         """A block in another float type than the session's (stored by an older kvchat): convert after reading."""
         scratch = hostmem.host_array(shape, code)
 
         def fix() -> None:
-            x = hostmem.from_host(scratch, code).astype(DTYPES[ST_NAMES[host_code]])
-            self.hosts[tname][:, :, start : start + n, :] = hostmem.host_view(x)
+            x = hostmem.host_view(hostmem.from_host(scratch, code).astype(DTYPES[ST_NAMES[host_code]]))
+            for lo, hi in keep:
+                self.hosts[tname][:, :, lo:hi, :] = x[:, :, lo - ps : hi - ps, :]
 
         self.fixups.append(fix)
         return hostmem.runs(scratch)
@@ -191,44 +228,66 @@ class _Planes:
         return {k: hostmem.from_host(h, "BF16" if h.dtype == np.uint16 else "") for k, h in self.hosts.items()}
 
 
+def _runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token ranges merged where they touch."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+_SCRATCH = memoryview(bytearray(1 << 20))  # where rows nobody uses are read to (their bytes are only hashed)
+
+
+def _scratch(n: int) -> memoryview:
+    return _SCRATCH[:n] if n <= len(_SCRATCH) else memoryview(bytearray(n))
+
+
 def read_blocks(
-    name: str, blocks_dir: Path, stored: list[dict[str, Any]], entries: list[dict[str, Any]], pad_to: int, dtypes: dict[int, str]
+    name: str, blocks_dir: Path, stored: list[dict[str, Any]], entries: list[dict[str, Any]],
+    packs: list[dict[str, Any]], pad_to: int, dtypes: dict[int, str],
 ) -> dict[str, mx.array]:
-    """Every block layer's planes over `entries`, by tensor name, verified."""
+    """Every block layer's planes over `entries`, by tensor name, read from their packs and verified."""
     n_tokens = entries[-1]["end"] if entries else 0
     planes = _Planes(stored, n_tokens, -(-n_tokens // pad_to) * pad_to, dtypes)
     if not entries or not planes.layers:
         return {}
-    paths = [blocks_dir / e["file"] for e in entries]
+    by_file = {p["file"]: p for p in packs}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault(e["file"], []).append(e)
+    order = list(groups)  # token order: the first pack holds token 0 and shapes the planes
+    paths = [blocks_dir / f for f in order]
     _advise_willneed(paths)
     headers = tensorfile.HeaderCache()
 
     def one(k: int) -> None:
-        e, path = entries[k], paths[k]
-        algorithm, want = checksum_of(e)
+        pack, blocks, path = by_file[order[k]], groups[order[k]], paths[k]
+        algorithm, want = checksum_of(pack)
+        first_key = blocks[0]["key"] if blocks[0]["start"] == pack["start"] else None
         try:
-            header = tensorfile.read_into(path, e["bytes"], algorithm, want, lambda h: _checked_plan(planes, e, h, k == 0),
-                                          headers, e["key"])
+            tensorfile.read_into(path, pack["bytes"], algorithm, want,
+                                 lambda h: _checked_plan(planes, pack, blocks, h, k == 0), headers, first_key)
         except (OSError, ValueError) as err:
-            raise _read_error(name, e, err, path) from None
+            raise _read_error(name, pack, err, path) from None
         finally:
             if k == 0:
                 planes.ready.set()  # whatever happened: the other readers stop waiting
-        if header.metadata.get("format") != "kvchat-block" or header.metadata.get("version") not in BLOCK_VERSIONS:
-            raise corrupt(name, f"{e['file']} is not a block file")
-        if header.metadata.get("key") != e["key"]:
-            raise corrupt(name, f"block {e['file']} holds another key than its index says")
 
-    if len(entries) == 1:
+    if len(order) == 1:
         one(0)
     else:
         with ThreadPoolExecutor(_READERS) as pool:
-            list(pool.map(one, range(len(entries))))
+            list(pool.map(one, range(len(order))))
     return planes.finish()
 
 
-def _checked_plan(planes: _Planes, entry: dict[str, Any], header: Header, first: bool) -> list[memoryview]:
-    if first:  # the first block's header (it has every tensor) shapes the planes; the others wait for them
+def _checked_plan(planes: _Planes, pack: dict[str, Any], blocks: list[dict[str, Any]], header: Header,
+                  first: bool) -> list[memoryview]:
+    if first:  # the first pack's header (it has every tensor) shapes the planes; the others wait for them
         planes.allocate(header)
         planes.allocated = True
         planes.ready.set()
@@ -236,7 +295,7 @@ def _checked_plan(planes: _Planes, entry: dict[str, Any], header: Header, first:
         planes.ready.wait()
         if not planes.allocated:
             raise ValueError("could not be placed: the first block is unusable")
-    return planes.plan(entry, header)
+    return planes.plan(pack, blocks, header)
 
 
 def read_layers(
@@ -254,7 +313,7 @@ def read_layers(
     n_tokens = entries[-1]["end"] if entries else 0
     session_dtype = kv_dtype_of(index)
     dtypes = {i: dtype or s.get("dtype") or session_dtype or "float32" for i, s in enumerate(stored)}
-    planes = read_blocks(name, blocks_dir, stored, entries, pad_to, dtypes)
+    planes = read_blocks(name, blocks_dir, stored, entries, packs_of(index), pad_to, dtypes)
     snapshot: dict[str, mx.array] = {}
     if kv["window"] is not None and n_blocks is None:
         snapshot = read_snapshot(name, blocks_dir, kv["window"], "kvchat-snapshot")

@@ -187,7 +187,8 @@ def fork(store: "SessionStore", src: str, new: str) -> None:
             if store.exists(new):
                 raise StoreError(f"A session named {store.resolve(new)!r} already exists: choose another name for the fork.")
             now = time.time()
-            index.update(created=now, updated=now, version=2)
+            # v1 entries are valid v2 ones; a v3 index (packs) stays v3
+            index.update(created=now, updated=now, version=3 if "packs" in index["kv"] else 2)
             index["kv"].setdefault("dtype", _dtype(index))
             try:
                 if not durable.write_atomic(store.index_path(new), index_bytes(index), if_absent=True):

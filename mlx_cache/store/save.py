@@ -1,41 +1,51 @@
 """Saving a session: only the blocks a turn added, then the index, each file durable before it is named.
 
-Full caches go to content-addressed blocks of BLOCK_TOKENS tokens: blocks
-already on disk are not touched, so a save after a turn writes the new tail
-and the index. A rotating window is written whole as one snapshot (it is
-bounded). Block bytes go from the cache's own MLX buffers to the file with
-``writev`` (no serialization copy); block files are written and synced by two
-threads, since syncing is most of a first save's time.
+Full caches go to content-addressed blocks of BLOCK_TOKENS tokens, stored in
+packs (see ``packs.py``): the full blocks a save adds go to one pack and a
+partial tail to another, so a first save writes one file of KV where it wrote
+one per block, and a save after a turn writes the new tail (and the block it
+completed). Blocks already on disk are not touched. A rotating window is
+written whole as one snapshot (it is bounded). Bytes go from the cache's own
+MLX buffers to the file with ``writev`` (no serialization copy).
+
+Where a first save's time went (16K tokens, q4, one file per block): writing
+64 files of 540 pieces each and hashing those pieces took ~2x what writing
+the same bytes as planes does, and the syncs of 64 files waited on each
+other. Now a save writes each file once, then syncs every file it made (the
+index's temp file too) in parallel while it computes their checksums: the
+checksum costs nothing the sync does not already wait for.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import mlx.core as mx
 
 from ..config import CacheConfig
-from . import durable, hostmem, tensorfile
-from .index import BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of
+from . import durable, tensorfile
+from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
+                    index_bytes, packs_of)
 from .layers import checkpoint_arrays, describe, snapshot_arrays
+from .packs import PlaneRows, block_bounds, info_of, plane_rows, same_rows
 
 if TYPE_CHECKING:
     from .session_store import SessionStore
 
-BLOCK_FORMAT = "kvchat-block"  # metadata "format" of a block file
 SNAPSHOT_FORMAT = "kvchat-snapshot"  # metadata "format" of a window/state snapshot file
-TENSOR_FILE_VERSION = "2"
-_WRITERS = 2  # threads hashing and writing block files (CPU and memory bound)
-_SYNCERS = 8  # threads waiting on the drive to sync them (each mostly waits)
+SNAPSHOT_VERSION = "2"  # snapshots are laid out as in version 2
+_SYNCERS = 8  # threads waiting on the drive to sync new files (each mostly waits)
 
 
 def build_index(
     *, title: str, model_name: str, model_fingerprint: str, cache_config: CacheConfig, created: float, sampling: dict[str, Any],
     messages: Sequence[dict[str, Any]], tokens: list[int], layers: list[dict[str, Any]], kv_dtype: str | None,
-    blocks: list[dict[str, Any]], window: dict[str, Any] | None, checkpoint: dict[str, Any] | None,
+    blocks: list[dict[str, Any]], packs: list[dict[str, Any]], window: dict[str, Any] | None,
+    checkpoint: dict[str, Any] | None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
@@ -53,6 +63,7 @@ def build_index(
             "dtype": kv_dtype,
             "layers": layers,
             "blocks": blocks,
+            "packs": packs,
             "window": window,
             "checkpoint": checkpoint,
         },
@@ -64,173 +75,289 @@ def kv_dtype(layers: list[dict[str, Any]]) -> str | None:
     return next((layer["dtype"] for layer in layers if layer.get("dtype")), None)
 
 
-class _Writer:
-    """Publishes tensor files into the blocks folder."""
+@dataclass
+class _Staged:
+    """A file written under a temp name, waiting for its sync and its final name."""
+
+    stem: str  # the name it wants (a block key, or w-/c- and its checksum)
+    alt: bool  # True: `stem` is taken by other bytes, so it is named `stem-<checksum16>`
+    buffers: list[Any]
+    tmp: Path
+    size: int = 0
+    digest: str = ""
+    file: str = ""  # the name it gets (set before the index is built, confirmed when published)
+    entry: dict[str, Any] = field(default_factory=dict)  # its file entry in the index (filled in place)
+
+    def expected_name(self) -> str:
+        return f"{self.stem}-{self.digest[:16]}.safetensors" if self.alt else f"{self.stem}.safetensors"
+
+
+def _same_file(path: Path, size: int, digest: str) -> bool:
+    try:
+        if path.stat().st_size != size:
+            return False
+        return tensorfile.digest("xxh3_128", [durable.read_file(path)]) == digest
+    except OSError:
+        return False
+
+
+class _Saver:
+    """The files one save writes: staged, synced together, then named."""
 
     def __init__(self, blocks_dir: Path) -> None:
         self.dir = blocks_dir
+        self.staged: list[_Staged] = []
 
-    def _same(self, path: Path, size: int, digest: str) -> bool:
-        try:
-            if path.stat().st_size != size:
-                return False
-            return tensorfile.digest("xxh3_128", [durable.read_file(path)]) == digest
-        except OSError:
-            return False
-
-    def publish(self, stem: str, buffers: list[Any] | None, digest: str, size: int, alt_stem: str | None,
-                tmp: Path | None = None) -> str:
-        """Write buffers under `stem` (or `alt_stem` where `stem` holds other bytes); returns the file name.
-
-        `tmp`, if given, is a temp file already holding the bytes, synced. An
-        existing file with the same bytes is shared, never rewritten: block
-        files do not change once written.
-        """
-        path = self.dir / f"{stem}.safetensors"
-        if self._same(path, size, digest):
-            if tmp is not None:
-                durable.unlink_quietly(tmp)
-            return path.name
-        if tmp is None:
-            tmp = durable.temp_path(path)
-            durable.write_new(tmp, buffers or [])
-        try:
-            if durable.link_if_absent(tmp, path) or self._same(path, size, digest):
-                return path.name
-            if alt_stem is None:
-                # a damaged copy of these very bytes (the name is their checksum): replacing it loses nothing
-                durable.replace(tmp, path)
-                return path.name
-            # Same tokens but other bytes (computed in other prefill chunks or another float
-            # type, or damaged): keep ours, so this session resumes bitwise as it was.
-            alt = self.dir / f"{alt_stem}.safetensors"
-            if not durable.link_if_absent(tmp, alt) and not self._same(alt, size, digest):
-                durable.replace(tmp, alt)
-            return alt.name
-        finally:
-            durable.unlink_quietly(tmp)
+    def stage(self, stem: str, buffers: list[Any], alt: bool) -> _Staged:
+        st = _Staged(stem, alt, buffers, durable.temp_path(self.dir / f"{stem}.safetensors"))
+        self.staged.append(st)  # before it exists: whatever fails, cleanup() removes it
+        st.size = durable.write_new(st.tmp, buffers, sync=False)
+        return st
 
     def snapshot(self, prefix: str, arrays: dict[str, mx.array]) -> dict[str, Any] | None:
+        """The entry of a content-addressed snapshot; written only if no file holds these bytes yet."""
         if not arrays:
             return None
-        buffers = tensorfile.encode(arrays, {"format": SNAPSHOT_FORMAT, "version": TENSOR_FILE_VERSION})
+        buffers = tensorfile.encode(arrays, {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION})
         digest = tensorfile.digest("xxh3_128", buffers)
         size = tensorfile.size_of(buffers)
-        return {"file": self.publish(f"{prefix}-{digest}", buffers, digest, size, None), "bytes": size, "xxh3_128": digest}
+        entry = {"file": f"{prefix}-{digest}.safetensors", "bytes": size, "xxh3_128": digest}
+        if not _same_file(self.dir / entry["file"], size, digest):
+            st = self.stage(f"{prefix}-{digest}", buffers, alt=False)
+            st.digest, st.file, st.entry = digest, entry["file"], entry
+        return entry
+
+    def publish(self, st: _Staged) -> None:
+        """Give a synced temp file its name: where that holds other bytes, the `-<checksum16>` name beside it."""
+        path = self.dir / st.expected_name()
+        if durable.link_if_absent(st.tmp, path) or _same_file(path, st.size, st.digest):
+            st.file = path.name
+        elif st.stem.startswith(("w-", "c-")) or st.alt:
+            # the name holds its content's checksum and the file fails it: a damaged copy, replacing it loses nothing
+            durable.replace(st.tmp, path)
+            st.file = path.name
+        else:
+            # Another writer took the block key's name meanwhile with other bytes: keep ours beside it.
+            st.alt = True
+            alt = self.dir / st.expected_name()
+            if not durable.link_if_absent(st.tmp, alt) and not _same_file(alt, st.size, st.digest):
+                durable.replace(st.tmp, alt)
+            st.file = alt.name
+        st.entry["file"] = st.file
+
+    def cleanup(self) -> None:
+        for st in self.staged:
+            durable.unlink_quietly(st.tmp)
 
 
-def save_blocks(
-    writer: _Writer, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
-    config_json: bytes, reusable: dict[str, dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """Block entries covering `tokens`; writes only blocks not in `reusable` (key -> previous entry)."""
+def _reusable(prev: dict[str, Any] | None, keys: list[str], bounds: list[tuple[int, int]], blocks_dir: Path
+              ) -> tuple[dict[int, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Blocks of the previous save kept as they are: block index -> entry, and their packs by file.
+
+    A pack of several blocks is kept only if this save still uses at least
+    half of its tokens; otherwise the blocks still used are written again
+    with the new ones (from memory, so it costs what writing them costs),
+    and the old pack is freed once no other session names it. So a session
+    never keeps more than twice the KV it uses alive, however it was edited.
+    """
+    if prev is None:
+        return {}, {}
+    packs = {p["file"]: _pack_entry(p) for p in packs_of(prev)}
+    old = {e["key"]: e for e in prev["kv"]["blocks"]}
+    exists: dict[str, bool] = {}
+    kept: dict[int, dict[str, Any]] = {}
+    for bi, (key, (start, end)) in enumerate(zip(keys, bounds)):
+        e = old.get(key)
+        if e is None or e["start"] != start or e["end"] != end:
+            continue
+        f = e["file"]
+        if f not in exists:
+            exists[f] = (blocks_dir / f).is_file()
+        if exists[f]:
+            kept[bi] = e
+    used: dict[str, int] = {}
+    for e in kept.values():
+        used[e["file"]] = used.get(e["file"], 0) + e["end"] - e["start"]
+    for bi, e in list(kept.items()):
+        p = packs[e["file"]]
+        if p["end"] - p["start"] > BLOCK_TOKENS and 2 * used[e["file"]] < p["end"] - p["start"]:
+            del kept[bi]
+    return kept, {e["file"]: packs[e["file"]] for e in kept.values()}
+
+
+def _pack_entry(p: dict[str, Any]) -> dict[str, Any]:
+    """A pack's entry as v3 writes it (a v1/v2 block entry also carries its key)."""
+    algorithm, digest = checksum_of(p)
+    return {"file": p["file"], "start": p["start"], "end": p["end"], "bytes": p["bytes"], algorithm: digest}
+
+
+def _shared(saver: _Saver, ours: PlaneRows, keys: list[str], bounds: list[tuple[int, int]], a: int, b: int
+            ) -> tuple[int, dict[str, Any] | None, bool]:
+    """How many blocks from `a` (up to `b`) an existing pack named after block a's key holds with our very bytes.
+
+    Returns (blocks shared, that pack's entry, whether the name is taken). A
+    pack is taken from only when this session uses at least half of it (see
+    :func:`_reusable`).
+    """
+    path = saver.dir / f"{keys[a]}.safetensors"
+    try:
+        size = path.stat().st_size
+        header = tensorfile.read_header(path, size)
+        info = info_of(header, bounds[a][0], BLOCK_TOKENS)
+    except FileNotFoundError:
+        return 0, None, False
+    except (OSError, ValueError):
+        return 0, None, True
+    m = 0
+    while a + m < b and m < len(info.keys) and info.keys[m] == keys[a + m] and info.start == bounds[a][0]:
+        m += 1
+    if not m or bounds[a + m - 1][1] > info.end or 2 * (bounds[a + m - 1][1] - info.start) < info.end - info.start:
+        return 0, None, True
+    lo, hi = bounds[a][0], bounds[a + m - 1][1]
+    try:
+        if not same_rows(path, header, info, ours, lo, hi):
+            return 0, None, True
+        digest = tensorfile.file_checksum(path, size, "xxh3_128")
+    except (OSError, ValueError):
+        return 0, None, True
+    return m, {"file": path.name, "start": info.start, "end": info.end, "bytes": size, "xxh3_128": digest}, True
+
+
+def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
+                 config_json: bytes, prev: dict[str, Any] | None, keep: list[Any]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Block entries covering `tokens` and the packs they name; stages the packs this save writes."""
     block_layers = [i for i, layer in enumerate(layers) if layer["kind"] == "blocks"]
     if not block_layers or not tokens:
-        return []
-    # Every plane as byte rows once; each block then names token ranges of them.
-    keep: list[Any] = []  # the MLX arrays the rows point into, alive until written
-    rows: dict[str, hostmem.Rows] = {}
-    fp_rows: dict[int, tuple[int, hostmem.Rows, hostmem.Rows]] = {}
-    for i in block_layers:
-        k, v = caches[i].temporal_planes()
-        head = caches[i].float_head()
-        mx.eval(k, v, head or ())
-        for tag, group in (("k", k), ("v", v)):
-            for j, p in enumerate(group):
-                keep.append(p)
-                rows[f"{i}.{tag}.{j}"] = hostmem.Rows.of(p)
-        if head is not None:
-            keep.extend(head)
-            fp_rows[i] = (head[0].shape[2], hostmem.Rows.of(head[0]), hostmem.Rows.of(head[1]))
-    names = list(rows)
-    entries: list[Any] = []
-    jobs = []
-    for bi, key in enumerate(chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)):
-        start, end = bi * BLOCK_TOKENS, min((bi + 1) * BLOCK_TOKENS, len(tokens))
-        old = reusable.get(key)
-        if old is not None and old["start"] == start and old["end"] == end and (writer.dir / old["file"]).is_file():
-            entries.append(old)  # already on disk: the O(new tokens) part of autosave
-            continue
-        tensors = [(name, rows[name], start, end) for name in names]
-        for i, (n_fp, fk, fv) in fp_rows.items():
-            if start < n_fp:
-                tensors += [(f"{i}.kfp", fk, start, min(end, n_fp)), (f"{i}.vfp", fv, start, min(end, n_fp))]
-        entries.append(None)
-        jobs.append((len(entries) - 1, key, start, end, tensors))
-    if not jobs:
-        return entries
+        return [], []
+    keys = chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)
+    bounds = block_bounds(0, len(tokens), BLOCK_TOKENS)
+    kept, packs = _reusable(prev, keys, bounds, saver.dir)
+    entries: list[dict[str, Any]] = [
+        {"key": key, "start": s, "end": e, "file": kept[bi]["file"] if bi in kept else None}
+        for bi, (key, (s, e)) in enumerate(zip(keys, bounds))
+    ]
+    new = [bi for bi in range(len(keys)) if bi not in kept]
+    if not new:
+        return entries, _in_order(packs, entries)
+    ours = plane_rows(caches, block_layers, keep)
+    # Runs of new blocks: consecutive full blocks, and a partial tail on its own (the next
+    # save replaces it, and its own file goes with it instead of leaving dead bytes in a pack).
+    runs: list[tuple[int, int]] = []
+    for bi in new:
+        tail = bounds[bi][1] - bounds[bi][0] < BLOCK_TOKENS
+        if runs and runs[-1][1] == bi and not tail:
+            runs[-1] = (runs[-1][0], bi + 1)
+        else:
+            runs.append((bi, bi + 1))
+    for a, b in runs:
+        while a < b:
+            m, pack, taken = _shared(saver, ours, keys, bounds, a, b)
+            if m:
+                packs[pack["file"]] = pack
+                for bi in range(a, a + m):
+                    entries[bi]["file"] = pack["file"]
+                a += m
+                continue
+            lo, hi = bounds[a][0], bounds[b - 1][1]
+            st = saver.stage(keys[a], ours.encode(lo, hi, keys[a:b]), alt=taken)
+            st.entry = {"file": None, "start": lo, "end": hi, "bytes": st.size}
+            for bi in range(a, b):
+                entries[bi]["file"] = st  # resolved to its name once the checksum is known
+            break
+    return entries, _in_order(packs, entries)
 
-    # Write every new block under a temp name, then sync them all at once, then name them:
-    # a file is named only once its bytes are on the drive, and the drive gets all the
-    # syncs together (one by one, a first save spent most of its time waiting on each).
-    headers: dict[Any, bytes] = {}  # block layouts seen: full blocks differ only in their key
 
-    def stage(job: tuple[Any, ...]) -> tuple[int, str, int, int, str, int, Path]:
-        slot, key, start, end, tensors = job  # `keep` holds the memory the rows point into
-        meta = {"format": BLOCK_FORMAT, "version": TENSOR_FILE_VERSION, "key": key}
-        buffers = tensorfile.encode_rows(tensors, meta, headers)
-        digest = tensorfile.digest("xxh3_128", buffers)
-        size = tensorfile.size_of(buffers)
-        tmp = durable.temp_path(writer.dir / f"{key}.safetensors")
-        temps.append(tmp)  # before it exists: whatever fails, the finally below removes it
-        durable.write_new(tmp, buffers, sync=False)
-        return slot, key, start, end, digest, size, tmp
-
-    temps: list[Path] = []
-    try:
-        with ThreadPoolExecutor(_WRITERS) as pool:
-            staged = list(pool.map(stage, jobs))
-        with ThreadPoolExecutor(_SYNCERS) as pool:
-            list(pool.map(lambda st: durable.sync_path(st[6]), staged))
-        for slot, key, start, end, digest, size, tmp in staged:
-            name = writer.publish(key, None, digest, size, f"{key}-{digest[:16]}", tmp=tmp)
-            entries[slot] = {"key": key, "file": name, "start": start, "end": end, "bytes": size, "xxh3_128": digest}
-    finally:
-        for tmp in temps:
-            durable.unlink_quietly(tmp)
-    return entries
+def _in_order(packs: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> list[Any]:
+    """Each pack once, in the order of the blocks that name it (staged ones as their _Staged)."""
+    out: list[Any] = []
+    seen: set[Any] = set()
+    for e in entries:
+        f = e["file"]
+        ident = id(f) if isinstance(f, _Staged) else f
+        if ident not in seen:
+            seen.add(ident)
+            out.append(f if isinstance(f, _Staged) else packs[f])
+    return out
 
 
 def save_session(
     store: "SessionStore", name: str, *, messages: Sequence[dict[str, Any]], tokens: Sequence[int], caches: Sequence[Any],
     cache_config: CacheConfig, model_name: str, model_fingerprint: str, sampling: dict[str, Any], title: str,
     created: float | None, checkpoint: tuple[int, list[Any]] | None, prev: dict[str, Any] | None,
-) -> tuple[dict[str, Any], set[str]]:
-    """Write the KV files and the index of one save; returns (index, files the previous save named that this one does not).
+) -> tuple[dict[str, Any], int, set[str]]:
+    """Write the KV files and the index of one save.
 
-    The caller holds the session's lock and the store lock (shared).
+    Returns (index, its size in bytes, files the previous save named that
+    this one does not). The caller holds the session's lock and the store
+    lock (shared).
     """
     toks = [int(t) for t in tokens]
     layers = describe(name, caches, len(toks))
     dtype = kv_dtype(layers)
-    writer = _Writer(store.blocks_dir)
-    reusable: dict[str, dict[str, Any]] = {}
-    if prev is not None and (kv_dtype(prev["kv"]["layers"]) in (None, dtype)) and _same_layers(prev, layers):
-        for e in prev["kv"]["blocks"]:
+    reuse = prev
+    if prev is not None and not (kv_dtype(prev["kv"]["layers"]) in (None, dtype) and _same_layers(prev, layers)):
+        reuse = None  # other planes or another float type: nothing of it can be kept
+    if reuse is not None:
+        for e in packs_of(reuse):
             checksum_of(e)
-            reusable[e["key"]] = e
-    config_json = canonical_json(cache_config.to_dict())
-    blocks = save_blocks(writer, caches, layers, toks, model_fingerprint, config_json, reusable)
-    window = writer.snapshot("w", snapshot_arrays(caches, layers))
-    cp = checkpoint_arrays(caches, layers, checkpoint, len(toks))
-    cp_entry = None
-    if cp is not None:
-        position, offsets, arrays = cp
-        cp_entry = writer.snapshot("c", arrays) or {"file": None, "bytes": 0, "xxh3_128": None}
-        if cp_entry["file"] is None:
-            cp_entry.pop("xxh3_128")
-        cp_entry.update(position=position, offsets=offsets)
-    durable.sync_dir(store.blocks_dir)
-    now = time.time()
-    index = build_index(
-        title=title, model_name=model_name, model_fingerprint=model_fingerprint, cache_config=cache_config,
-        created=created if created is not None else (prev or {}).get("created", now), sampling=sampling,
-        messages=messages, tokens=toks, layers=layers, kv_dtype=dtype, blocks=blocks, window=window, checkpoint=cp_entry,
-    )
-    from .index import file_entries
+    saver = _Saver(store.blocks_dir)
+    keep: list[Any] = []  # the MLX arrays staged buffers point into, alive until written
+    index_path = store.index_path(name)
+    index_tmp = durable.temp_path(index_path)
+    try:
+        blocks, packs = _plan_blocks(saver, caches, layers, toks, model_fingerprint,
+                                     canonical_json(cache_config.to_dict()), reuse, keep)
+        window = saver.snapshot("w", snapshot_arrays(caches, layers))
+        cp_entry = None
+        cp = checkpoint_arrays(caches, layers, checkpoint, len(toks))
+        if cp is not None:
+            position, offsets, arrays = cp
+            cp_entry = saver.snapshot("c", arrays) or {"file": None, "bytes": 0}
+            cp_entry.update(position=position, offsets=offsets)
+        created_at = created if created is not None else (prev or {}).get("created", time.time())
 
+        def make_index() -> dict[str, Any]:
+            return build_index(
+                title=title, model_name=model_name, model_fingerprint=model_fingerprint, cache_config=cache_config,
+                created=created_at, sampling=sampling, messages=messages, tokens=toks, layers=layers, kv_dtype=dtype,
+                blocks=[{**e, "file": e["file"].file if isinstance(e["file"], _Staged) else e["file"]} for e in blocks],
+                packs=[p.entry if isinstance(p, _Staged) else p for p in packs], window=window, checkpoint=cp_entry,
+            )
+
+        with ThreadPoolExecutor(_SYNCERS) as pool:
+            syncs = [pool.submit(durable.sync_path, st.tmp) for st in saver.staged]
+            for st in saver.staged:  # while the drive syncs: the checksums (xxh3 releases the GIL)
+                if not st.digest:
+                    st.digest = tensorfile.digest("xxh3_128", st.buffers)
+                    st.file = st.expected_name()
+                    st.entry.update(file=st.file, xxh3_128=st.digest)
+                st.buffers = []
+            index = make_index()
+            data = index_bytes(index)
+            durable.write_new(index_tmp, [data], sync=False)
+            syncs.append(pool.submit(durable.sync_path, index_tmp))
+            errors = [f.exception() for f in syncs]
+        if any(errors):
+            raise next(e for e in errors if e is not None)
+        del keep[:]
+        for st in saver.staged:
+            planned = st.file
+            saver.publish(st)
+            if st.file != planned:  # another writer took the name meanwhile: the index names the other one
+                index = make_index()
+                data = index_bytes(index)
+                durable.unlink_quietly(index_tmp)
+                durable.write_new(index_tmp, [data])
+        if saver.staged:
+            durable.sync_dir(store.blocks_dir)
+        durable.replace(index_tmp, index_path)
+        durable.sync_dir(store.sessions_dir)
+    finally:
+        saver.cleanup()
+        durable.unlink_quietly(index_tmp)
     dropped = {e["file"] for e in file_entries(prev)} - {e["file"] for e in file_entries(index)} if prev else set()
-    return index, dropped
+    return index, len(data), dropped
 
 
 def _same_layers(prev: dict[str, Any], layers: list[dict[str, Any]]) -> bool:

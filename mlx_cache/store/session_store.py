@@ -20,7 +20,6 @@ from .errors import (
 from .index import (
     SessionData,
     SessionMeta,
-    index_bytes,
     meta_of,
     parse_index,
 )
@@ -230,14 +229,16 @@ class SessionStore:
             with self.guard(name):
                 prev = self._previous_index(name)
                 try:
-                    index, dropped = save_session(
+                    index, size, dropped = save_session(
                         self, name, messages=messages, tokens=tokens, caches=caches, cache_config=cache_config,
                         model_name=model_name, model_fingerprint=model_fingerprint, sampling=sampling, title=title,
                         created=created, checkpoint=checkpoint, prev=prev,
                     )
-                    size = self._write_index(name, index)
                 except OSError as e:
                     raise write_failed(name, e) from None
+                stat = durable.stat_key(self.index_path(name))
+                if stat is not None:
+                    self._known[name] = (stat, index)
                 # Stale tails and old window snapshots are deleted now if no other
                 # session (a fork) names them and no other process is inside the
                 # store; otherwise gc() gets them later.
@@ -260,15 +261,6 @@ class SessionStore:
             return self.index(name)[0]
         except StoreError:
             return None
-
-    def _write_index(self, name: str, index: dict[str, Any]) -> int:
-        data = index_bytes(index)
-        path = self.index_path(name)
-        durable.write_atomic(path, data)
-        stat = durable.stat_key(path)
-        if stat is not None:
-            self._known[name] = (stat, index)
-        return len(data)
 
     def drop_unreferenced(self, candidates: set[str]) -> tuple[int, int]:
         """Delete candidate files no index-like file references (caller holds the store lock exclusively)."""

@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -257,16 +258,52 @@ def in_file_order(header: Header, targets: Mapping[str, Sequence[memoryview]]) -
     return out
 
 
+def _read_head(fd: int, size: int) -> bytes:
+    """A file's safetensors header bytes (length prefix included), in one read where it fits."""
+    head = os.pread(fd, min(size, _FIRST_READ), 0)
+    if len(head) >= 8:
+        (n,) = struct.unpack_from("<Q", head)
+        if len(head) < 8 + n <= min(size, 8 + _MAX_HEADER):
+            head += os.pread(fd, 8 + n - len(head), len(head))
+        head = head[: 8 + n]
+    return head
+
+
+def read_header(path: Path, size: int) -> Header:
+    """The parsed header of the file at `path` of `size` bytes (unverified: the checksum covers it on load)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return parse_header(_read_head(fd, size), size)
+    finally:
+        os.close(fd)
+
+
+_HASH_ASIDE = 16 << 20  # from this size a file's checksum runs beside its scatter, on another core
+_hasher = ThreadPoolExecutor(4, thread_name_prefix="kvchat-read")  # checksums and second halves of large files
+
+
+def _halve(iov: list[memoryview], total: int) -> tuple[int, int]:
+    """(index, bytes before it) of the buffer where the first half of `total` bytes ends."""
+    acc = 0
+    for j, b in enumerate(iov):
+        if acc >= total // 2:
+            return j, acc
+        acc += b.nbytes
+    return len(iov), acc
+
+
 def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
               headers: HeaderCache | None = None, vary: str | None = None) -> Header:
     """Read the file at `path` into the buffers `plan` names and check its checksum.
 
     The tensor bytes go straight to their buffers with ``preadv``; the
-    checksum then runs over the whole file, mapped from the page cache, in one
-    call. Checking the file's pages rather than the scattered copies keeps
-    hashing at memory speed (a quantized block scatters into hundreds of small
-    pieces); the copies came from those very pages, and a block file never
-    changes once it is named (written under a temp name, synced, then linked).
+    checksum runs over the whole file, mapped from the page cache, in one
+    call (beside the scatter, on another thread, for a large file: both
+    release the GIL). Checking the file's pages rather than the scattered
+    copies keeps hashing at memory speed (a quantized plane scatters into
+    hundreds of small pieces); the copies came from those very pages, and a
+    KV file never changes once it is named (written under a temp name,
+    synced, then linked).
 
     Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
     malformed header, a plan that refuses the header, or a checksum mismatch.
@@ -277,19 +314,26 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
         actual = os.fstat(fd).st_size
         if actual != size:
             raise ValueError(f"has {actual} bytes instead of {size}")
-        head = os.pread(fd, min(size, _FIRST_READ), 0)
-        if len(head) >= 8:
-            (n,) = struct.unpack_from("<Q", head)
-            if len(head) < 8 + n <= min(size, 8 + _MAX_HEADER):
-                head += os.pread(fd, 8 + n - len(head), len(head))
-            head = head[: 8 + n]
+        head = _read_head(fd, size)
         header = headers.parse(head, size, vary) if headers is not None else parse_header(head, size)
-        iov = plan(header)
-        end = max((t.end for t in header.tensors.values()), default=header.size)
-        if size > end:
-            iov.append(memoryview(bytearray(size - end)))
-        _preadv_all(fd, iov, header.size, size - header.size)
-        if file_digest(fd, size, algorithm) != expected:
+        aside = _hasher.submit(file_digest, fd, size, algorithm) if size >= _HASH_ASIDE else None
+        try:
+            iov = plan(header)
+            end = max((t.end for t in header.tensors.values()), default=header.size)
+            if size > end:
+                iov.append(memoryview(bytearray(size - end)))
+            total = size - header.size
+            cut, first = _halve(iov, total) if aside is not None else (len(iov), total)
+            # a large file's second half is scattered by another thread: one core copies ~6 GB/s
+            rest = _hasher.submit(_preadv_all, fd, iov[cut:], header.size + first, total - first) if cut < len(iov) else None
+            try:
+                _preadv_all(fd, iov[:cut], header.size, first)
+            finally:
+                if rest is not None:
+                    rest.result()
+        finally:
+            got = aside.result() if aside is not None else None  # the fd stays open until the hash is done
+        if (got if aside is not None else file_digest(fd, size, algorithm)) != expected:
             raise ValueError("fails its checksum")
     finally:
         os.close(fd)
@@ -304,8 +348,21 @@ def file_digest(fd: int, size: int, algorithm: str) -> str:
         return h.hexdigest()
 
 
+def file_checksum(path: Path, size: int, algorithm: str) -> str:
+    """The checksum of the file at `path` (which must have `size` bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"has {os.fstat(fd).st_size} bytes instead of {size}")
+        return file_digest(fd, size, algorithm)
+    finally:
+        os.close(fd)
+
+
 def _preadv_all(fd: int, buffers: list[memoryview], offset: int, total: int) -> None:
     """preadv into `buffers` until `total` bytes are read (short reads resume where they stopped)."""
+    if total == 0:
+        return
     i = 0
     while i < len(buffers):
         batch = buffers[i : i + 1024]

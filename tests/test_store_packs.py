@@ -1,0 +1,201 @@
+"""Packs (format v3): a save's blocks in one file, shared by key, freed when no index names them, never pinning dead KV."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_cache import CacheConfig, FullKVCache
+from mlx_cache.store import SessionCorrupt, SessionStore
+from mlx_cache.store.index import BLOCK_TOKENS
+
+CONFIG = CacheConfig()
+N = 8 * BLOCK_TOKENS  # a first save of 8 full blocks
+
+
+@pytest.fixture(scope="module")
+def kv() -> tuple[mx.array, mx.array]:
+    mx.random.seed(11)
+    k = mx.random.normal((1, 2, N + 300, 16)).astype(mx.float16)
+    v = mx.random.normal((1, 2, N + 300, 16)).astype(mx.float16)
+    mx.eval(k, v)
+    return k, v
+
+
+def caches_of(kv, n: int, layers: int = 2, bump_from: int | None = None) -> list[FullKVCache]:
+    """Caches holding the first `n` tokens of `kv`; from `bump_from` on, other values (as another prompt gives)."""
+    k, v = kv
+    out = []
+    for i in range(layers):
+        c = FullKVCache(CONFIG)
+        kk, vv = k[..., :n, :] + i, v[..., :n, :] - i
+        if bump_from is not None:
+            kk = mx.concatenate([kk[..., :bump_from, :], kk[..., bump_from:, :] + 1], axis=2)
+        c.update_and_fetch(kk, vv)
+        out.append(c)
+    return out
+
+
+def save(store: SessionStore, name: str, tokens: list[int], caches) -> dict:
+    store.save(name, messages=[], tokens=tokens, caches=caches, cache_config=CONFIG, model_name="m",
+               model_fingerprint="f", sampling={}, title=name)
+    return store.index(name)[0]
+
+
+def loads_as(store: SessionStore, name: str, caches) -> bool:
+    fresh = [FullKVCache(CONFIG) for _ in caches]
+    store.load(name, fresh)
+    return all(a.offset == b.offset and all(mx.array_equal(p, q).item() for p, q in
+                                            zip(a.temporal_planes()[0] + a.temporal_planes()[1],
+                                                b.temporal_planes()[0] + b.temporal_planes()[1]))
+               for a, b in zip(caches, fresh))
+
+
+def packs(index: dict) -> dict[str, tuple[int, int]]:
+    return {p["file"]: (p["start"], p["end"]) for p in index["kv"]["packs"]}
+
+
+def kv_files(store: SessionStore) -> set[str]:
+    return {p.name for p in store.blocks_dir.iterdir() if p.suffix == ".safetensors"}
+
+
+def test_a_first_save_is_one_pack_and_a_tail(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    tokens = list(range(N + 100))
+    caches = caches_of(kv, N + 100)
+    index = save(store, "a", tokens, caches)
+    assert sorted(packs(index).values()) == [(0, N), (N, N + 100)]
+    assert kv_files(store) == set(packs(index))
+    assert {b["file"] for b in index["kv"]["blocks"][:8]} == {index["kv"]["blocks"][0]["key"] + ".safetensors"}
+    assert loads_as(store, "a", caches)
+
+
+def test_a_session_shares_the_leading_blocks_of_another_sessions_pack(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    a = save(store, "a", list(range(N)), caches_of(kv, N))
+    (pack,) = packs(a)
+    b_caches = caches_of(kv, 6 * BLOCK_TOKENS + 40)
+    b = save(store, "b", list(range(6 * BLOCK_TOKENS + 40)), b_caches)
+    assert [e["file"] for e in b["kv"]["blocks"][:6]] == [pack] * 6  # compared byte for byte, then shared
+    assert loads_as(store, "b", b_caches)
+    # the same tokens computed with other bytes are never passed off as the stored ones
+    c_caches = caches_of(kv, 6 * BLOCK_TOKENS, bump_from=5 * BLOCK_TOKENS + 7)
+    c = save(store, "c", list(range(6 * BLOCK_TOKENS)), c_caches)
+    (own,) = packs(c)
+    assert own != pack and own.startswith(a["kv"]["blocks"][0]["key"] + "-")
+    assert loads_as(store, "c", c_caches) and loads_as(store, "b", b_caches)
+    # a session using less than half of a pack writes its own copy instead of keeping the pack alive
+    d = save(store, "d", list(range(2 * BLOCK_TOKENS)), caches_of(kv, 2 * BLOCK_TOKENS))
+    assert pack not in packs(d)
+
+
+def test_an_edit_keeps_a_mostly_used_pack_and_rewrites_a_mostly_dead_one(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    tokens = list(range(N))
+    first = save(store, "s", tokens, caches_of(kv, N))
+    (pack,) = packs(first)
+    # an edit in block 6: blocks 0-5 (75% of the pack) stay where they are
+    edited = tokens[: 6 * BLOCK_TOKENS + 3] + [7] * (N - 6 * BLOCK_TOKENS - 3)
+    caches = caches_of(kv, N, bump_from=6 * BLOCK_TOKENS + 3)
+    index = save(store, "s", edited, caches)
+    assert [e["file"] for e in index["kv"]["blocks"][:6]] == [pack] * 6 and len(packs(index)) == 2
+    assert pack in kv_files(store) and loads_as(store, "s", caches)
+    store.fork("s", "fork")
+    # an edit in block 2: the pack would be 3/4 dead, so blocks 0-1 move into the new pack
+    edited = tokens[: 2 * BLOCK_TOKENS + 3] + [9] * (N - 2 * BLOCK_TOKENS - 3)
+    caches2 = caches_of(kv, N, bump_from=2 * BLOCK_TOKENS + 3)
+    index = save(store, "s", edited, caches2)
+    assert pack not in packs(index) and sorted(packs(index).values()) == [(0, N)]
+    assert pack in kv_files(store)  # the fork still names it
+    assert loads_as(store, "s", caches2) and loads_as(store, "fork", caches)
+    store.remove("fork")
+    assert pack not in kv_files(store)  # freed once no index names any block in it
+    assert kv_files(store) == set(packs(index))
+
+
+def test_rm_frees_a_shared_pack_with_its_last_user(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    a = save(store, "a", list(range(N)), caches_of(kv, N))
+    b = save(store, "b", list(range(7 * BLOCK_TOKENS)), caches_of(kv, 7 * BLOCK_TOKENS))
+    (pack,) = packs(a)
+    assert set(packs(b)) == {pack}
+    assert store.remove("a") == (0, 0)  # b uses it
+    assert loads_as(store, "b", caches_of(kv, 7 * BLOCK_TOKENS))
+    size = (store.blocks_dir / pack).stat().st_size
+    assert store.remove("b") == (1, size) and kv_files(store) == set()
+
+
+def test_a_flip_in_the_part_of_a_pack_a_session_does_not_use_is_still_refused(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    a = save(store, "a", list(range(N)), caches_of(kv, N))
+    save(store, "b", list(range(5 * BLOCK_TOKENS)), caches_of(kv, 5 * BLOCK_TOKENS))
+    path = store.blocks_dir / next(iter(packs(a)))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 4  # the last tokens of the last plane: only a reads them
+    path.write_bytes(bytes(data))
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    for name in ("a", "b"):
+        with pytest.raises(SessionCorrupt):
+            store.load(name, [FullKVCache(CONFIG) for _ in range(2)])
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
+
+
+def test_a_large_pack_read_by_two_threads_beside_its_checksum_loads_bitwise(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import tensorfile
+
+    monkeypatch.setattr(tensorfile, "_HASH_ASIDE", 1)  # every file takes the path of packs over 16 MiB
+    store = SessionStore(tmp_path)
+    caches = caches_of(kv, N + 100)
+    index = save(store, "a", list(range(N + 100)), caches)
+    assert loads_as(store, "a", caches)
+    path = store.blocks_dir / index["kv"]["packs"][0]["file"]
+    size = path.stat().st_size
+    for pos in (size // 4, size // 2 + 1, size - 1):  # in each half of the scatter, and the last byte
+        data = bytearray(path.read_bytes())
+        data[pos] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(SessionCorrupt):
+            store.load("a", [FullKVCache(CONFIG) for _ in range(2)])
+        data[pos] ^= 1
+        path.write_bytes(bytes(data))
+    assert loads_as(store, "a", caches)
+
+
+@pytest.mark.parametrize("keep_fp", [300, 2000])
+def test_a_quantized_session_with_a_float_head_shares_part_of_a_pack_bitwise(tmp_path, keep_fp):
+    """q4 with keep_fp: the float head covers a pack's leading tokens, or more than the session takes from it."""
+    config = CacheConfig(k_bits=4, v_bits=4, keep_fp=keep_fp)
+    mx.random.seed(12)
+    k = mx.random.normal((1, 2, N, 64)).astype(mx.float16)  # group 64 needs heads of 64
+    v = mx.random.normal((1, 2, N, 64)).astype(mx.float16)
+
+    def q4(n: int) -> list[FullKVCache]:
+        out = []
+        for i in range(2):
+            c = FullKVCache(config)
+            for lo in range(0, n, 512):  # in prefill-sized chunks, the same for every session
+                hi = min(n, lo + 512)
+                c.update_and_fetch(k[..., lo:hi, :] + i, v[..., lo:hi, :])
+            out.append(c)
+        return out
+
+    def put(name: str, n: int) -> dict:
+        store.save(name, messages=[], tokens=list(range(n)), caches=q4(n), cache_config=config, model_name="m",
+                   model_fingerprint="f", sampling={}, title=name)
+        return store.index(name)[0]
+
+    def same(name: str, n: int) -> bool:
+        fresh = [FullKVCache(config) for _ in range(2)]
+        store.load(name, fresh)
+        return all(all(mx.array_equal(p, q).item() for p, q in zip(
+            a.temporal_planes()[0] + a.temporal_planes()[1] + a.float_head(),
+            b.temporal_planes()[0] + b.temporal_planes()[1] + b.float_head())) for a, b in zip(q4(n), fresh))
+
+    store = SessionStore(tmp_path)
+    a = put("a", N)
+    b = put("b", 5 * BLOCK_TOKENS + 9)
+    assert b["kv"]["blocks"][0]["file"] == a["kv"]["packs"][0]["file"]  # 5 of its 8 blocks: shared
+    assert same("a", N) and same("b", 5 * BLOCK_TOKENS + 9)
