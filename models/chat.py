@@ -106,6 +106,7 @@ class Chat:
                     model_fingerprint=engine.loaded.fingerprint,
                     cache_config=cache_config,
                     kv_dtype=compute_dtype(engine.loaded.model),
+                    read=info,  # verified above, under the lock we hold: not read twice
                 )
                 if data.converted_from:
                     chat.notice = (

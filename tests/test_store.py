@@ -624,3 +624,25 @@ def test_read_only_blocks_dir_keeps_previous_state(engine, store):
     resumed = open_chat(engine, store, "s")
     assert resumed.state.tokens == saved
     resumed.close()
+
+
+class CountingStore(SessionStore):
+    """The real store, counting how often a session's index is read from disk and parsed."""
+
+    parsed = 0
+
+    def index(self, name, raw=None):
+        self.parsed += 1
+        return super().index(name, raw)
+
+
+def test_opening_a_session_reads_and_verifies_its_index_once(engine, tmp_path):
+    store = CountingStore(tmp_path / "home")
+    live = open_chat(engine, store, "s", CONFIGS["q4"])
+    turn(live, "Hello there, how are you doing today my friend?")
+    live.close()
+    store.parsed = 0
+    resumed = open_chat(engine, store, "s")
+    assert store.parsed == 1  # Chat.open's read, then the load starts from it
+    assert resumed.state.tokens == live.state.tokens
+    resumed.close()

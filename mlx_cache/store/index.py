@@ -20,7 +20,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import xxhash
@@ -392,4 +392,6 @@ class SessionData:
     sampling: dict[str, Any]
     checkpoint: tuple[int, list[Any]] | None = None
     converted_from: str | None = None
+    # (verified index, format version) as read: `SessionStore.load(read=...)` starts from it
+    verified: tuple[dict[str, Any], int] | None = field(default=None, repr=False, compare=False)
 

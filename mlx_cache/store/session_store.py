@@ -171,7 +171,9 @@ class SessionStore:
         raw = self.raw_index(name)
         index, version = self.index(name, raw)
         self.check_files(name, index)
-        return self._data(name, index, len(raw), version)
+        data = self._data(name, index, len(raw), version)
+        data.verified = (index, version)
+        return data
 
     def list(self) -> list[SessionMeta]:
         """Every readable session, newest first; damaged ones are left out (see :meth:`broken`)."""
@@ -278,8 +280,13 @@ class SessionStore:
         model_fingerprint: str | None = None,
         cache_config: CacheConfig | None = None,
         kv_dtype: str | None = None,
+        read: SessionData | None = None,
     ) -> SessionData:
         """Restore session `name` into `caches` (built from its stored config) without any model call.
+
+        `read` is what :meth:`read` returned for `name` while the caller has
+        held the session's lock since: its verified index is used as it is
+        rather than read and checked a second time.
 
         Everything is verified first (format version, index and file checksums,
         model fingerprint and cache config when given, the layers of `caches`);
@@ -293,9 +300,12 @@ class SessionStore:
             raise ValueError(f"kv_dtype must be a float type, not {kv_dtype!r}")
         store_lock = self.store_lock(write=False)
         try:
-            raw = self.raw_index(name)
-            index, version = self.index(name, raw)
-            data = self._data(name, index, len(raw), version)
+            if read is not None and read.verified is not None:
+                (index, version), data = read.verified, read
+            else:
+                raw = self.raw_index(name)
+                index, version = self.index(name, raw)
+                data = self._data(name, index, len(raw), version)
             meta = data.meta
             if model_fingerprint is not None and model_fingerprint != meta.model_fingerprint:
                 raise SessionMismatch(
@@ -308,7 +318,8 @@ class SessionStore:
                     f"'{cache_config.label()}': resume it without cache options, or start a new session."
                 )
             self._check_caches(name, index, caches)
-            self.check_files(name, index)
+            if read is None or read.verified is None:
+                self.check_files(name, index)  # else read() has checked them
             layers = read_layers(name, self.blocks_dir, index, pad_to=FullKVCache.step, dtype=kv_dtype)
             cp_arrays = None
             cp = index["kv"]["checkpoint"]
