@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelError
-from .gguf import convert_gguf, is_converted
+from .gguf.marker import is_converted
 from .paths import cache_root, file_sha256
 from .progress import Progress
 
@@ -54,6 +54,8 @@ def ensure_embedded_model(progress: Progress | None = None) -> Path:
     if gguf is None:
         gguf = _downloaded_gguf(say)
     say(f"Converting {EMBEDDED_NAME} to MLX (once)...")
+    from .gguf.convert import convert_gguf
+
     return convert_gguf(gguf, out, progress=say)
 
 

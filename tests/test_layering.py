@@ -77,3 +77,20 @@ def test_import_contracts_catch_a_circle(tmp_path):
     )
     r = _lint_imports(tmp_path, "contracts.toml")
     assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_first_frame_needs_no_heavy_import(tmp_path):
+    """What runs before the app's first frame imports none of the modules that cost a second or more."""
+    code = (
+        "import sys, json\n"
+        "import app.cli, models.embedded\n"
+        "from app.tui import make_app\n"
+        "make_app()\n"
+        "heavy = ['numpy', 'gguf', 'mlx_lm', 'transformers', 'huggingface_hub', 'mlx_cache.kinds', 'models.engine']\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))"
+    )
+    import os
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, KVCHAT_HOME=str(tmp_path)))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

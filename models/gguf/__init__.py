@@ -5,12 +5,25 @@ architecture onto mlx-lm's classes, `tokenizer` rebuilds the vocabulary,
 `convert` writes the folder and `inspect` says what a file is without converting it.
 """
 
-from .common import GGUFError, Progress
-from .container import GGUFFile, TensorInfo, open_gguf
-from .convert import CONVERTER_VERSION, MARKER_FILE, convert_gguf, default_dtype, is_converted, unpermute_rows
-from .inspect import GGUFSummary, summarize
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "CONVERTER_VERSION", "MARKER_FILE", "GGUFError", "GGUFFile", "GGUFSummary", "Progress", "TensorInfo",
-    "convert_gguf", "default_dtype", "is_converted", "open_gguf", "summarize", "unpermute_rows",
-]
+# Loaded on first use: checking a conversion (`is_converted`) must not import numpy and gguf-py.
+_EXPORTS = {
+    "GGUFError": "common", "Progress": "common",
+    "GGUFFile": "container", "TensorInfo": "container", "open_gguf": "container",
+    "convert_gguf": "convert", "default_dtype": "convert", "unpermute_rows": "convert",
+    "CONVERTER_VERSION": "marker", "MARKER_FILE": "marker", "is_converted": "marker",
+    "GGUFSummary": "inspect", "summarize": "inspect",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models.gguf' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -14,7 +14,6 @@ ever read.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -32,13 +31,8 @@ from .archs import Arch, architecture_of
 from .common import GGUFError, Progress, write_json as _write_json
 from .container import GGUFFile, TensorInfo, open_gguf, type_name
 from .quants import FLOAT_TYPES, Quantized, can_read, is_exact, repack, requantize, to_float
+from .marker import CONVERTER_VERSION, MARKER_FILE, is_converted  # noqa: F401  (is_converted: importable from here)
 from .tokenizer import check_tokenizer, write_tokenizer
-
-# Bump when the output layout changes, so cached conversions are redone.
-CONVERTER_VERSION = 1
-
-# Written last into a finished model directory; its presence means "complete".
-MARKER_FILE = "kvchat-gguf.json"
 
 
 def default_dtype() -> mx.Dtype:
@@ -118,15 +112,6 @@ def convert_gguf(
             raise
     say(f"Converted {gguf_path.name} in {time.perf_counter() - started:.1f} s.")
     return out_dir
-
-
-def is_converted(model_dir: Path) -> bool:
-    """True when `model_dir` holds a complete conversion by this converter version."""
-    try:
-        info = json.loads((Path(model_dir) / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("converter_version") == CONVERTER_VERSION
 
 
 def unpermute_rows(w: Any, n_head: int) -> Any:
