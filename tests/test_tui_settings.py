@@ -154,3 +154,23 @@ async def test_command_palette_offers_every_action(home, tiny):
 async def test_every_binding_has_a_footer_description_and_help(home, tiny):
     for binding in ChatScreen.BINDINGS:
         assert binding.description and binding.tooltip and binding.show  # type: ignore[union-attr]
+
+
+@sync
+async def test_model_picker_stays_open_on_a_path_with_nothing_there(home, tiny, tmp_path):
+    from textual.widgets import Input, Static
+
+    from app.tui.screens.model_picker import ModelPicker
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await press_for(pilot, "ctrl+l", ModelPicker)
+        missing = str(tmp_path / "no" / "such-model.gguf")
+        app.screen.query_one(Input).value = missing
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ModelPicker)  # still open, the path still there to fix
+        assert app.screen.query_one(Input).value == missing
+        assert "Nothing at" in str(app.screen.query_one(".dialog-hint", Static).render())
+        assert screen.loaded is not None and not screen.preparing

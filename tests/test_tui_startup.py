@@ -148,3 +148,30 @@ async def test_a_model_picked_during_the_load_is_the_one_that_opens(home, tiny, 
             assert len(rec.of(ModelLoaded)) == 1 and len(rec.of(ChatReady)) == 1  # one model, one chat
     finally:
         gate.set()
+
+
+@sync
+async def test_a_session_that_cannot_open_at_launch_leaves_a_usable_window(home, tiny):
+    app = app_for(tiny, max_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        await send(pilot, PROMPT)
+        held = screen.chat.name  # type: ignore[union-attr]
+    lock = SessionStore().lock(held)  # as another kvchat window would hold it
+    try:
+        app = app_for(tiny, max_tokens=4, session=held)
+        async with app.run_test(size=SIZE) as pilot:
+            screen = screen_of(app)
+            await until(pilot, lambda: screen.engine is not None and not screen.preparing, timeout=60)
+            assert screen.chat is None
+            welcome = str(screen.query_one("#welcome").render())
+            assert f"Could not open {held}" in welcome and "Opening" not in welcome
+            assert "loading" not in str(screen.query_one("#info").render())
+            box = screen.query_one(PromptInput)
+            box.text = "Hello again"
+            await pilot.press("enter")  # a new chat takes the message
+            await until(pilot, lambda: screen.turns_done == 1, timeout=60)
+            assert screen.chat is not None and screen.chat.name != held
+            assert screen.chat.messages[0]["content"] == "Hello again"
+    finally:
+        lock.release()

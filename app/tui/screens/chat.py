@@ -165,7 +165,7 @@ class ChatScreen(Screen[None]):
             info.append(f"{chat.name or 'unsaved'}\n")
             info.append(f"cache {chat.state.config.label()}\n{messages} messages", style="dim")
         self.query_one("#info", Static).update(info)
-        model = self.loaded.name if self.loaded else "no model"
+        model = self.loaded.name if self.loaded else ("loading the model…" if self.preparing else "no model")
         where = chat.title or chat.name if chat is not None else None
         self.sub_title = f"{where} · {model}" if where else model
         self.query_one(StatusLine).where = (chat.name or "unsaved") if chat is not None else ""
@@ -273,6 +273,11 @@ class ChatScreen(Screen[None]):
             return
         if self.chat is None and self.preparing:
             await self.opening.queue(text)  # the first chat is on its way: sent then
+            return
+        if self.chat is None and self.engine is not None:
+            # No chat is open (the one asked for could not be): a new one takes the message.
+            await self.opening.queue(text)
+            self.open_chat(None)
             return
         if self.chat is None or self.preparing:
             self.notify("The chat is still opening." if self.preparing else "Load a model first (Ctrl+L).")

@@ -149,6 +149,7 @@ class Opening:
         host.engine = Engine(loaded, kv_budget=self.budget(loaded),
                              on_budget=launch.on_budget or self.ctx.settings().on_budget)
         host.status(f"Loaded {loaded.name} in {loaded.load_seconds:.1f} s", busy=True)
+        host.update_info()
         # --session (or a chat picked in Ctrl+O during the load) applies to the first model only
         session = self._pending_session or launch.session
         self._pending_session, launch.session = None, None
@@ -257,8 +258,12 @@ class Opening:
         host = self.host
         host.set_preparing(False)
         host.notify(message.error, title=f"Could not open {message.name}", severity="error", timeout=12)
-        host.status("Ready" if host.chat else "No chat open: Ctrl+N starts one", busy=False)
+        host.status("Ready" if host.chat else "No chat open: type to start a new one, or Ctrl+O", busy=False)
         await self._give_back_queued()
+        if host.chat is None and not message.reopen:
+            host.show_welcome(f"Could not open {message.name}.\n\n{message.error}\n\n"
+                              "Type a message to start a new chat, or press Ctrl+O to open another.")
+        host.update_info()
         if message.reopen:
             self.open_chat(message.reopen, create=True)
 

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from ..model_sources import ModelChoice, available_models
+
+
+def _path_problem(spec: str) -> str | None:
+    """One sentence when `spec` is plainly a path (not a name or repo id) with nothing there."""
+    path = Path(spec).expanduser()
+    looks_like_path = spec.startswith(("/", "~", ".")) or spec.lower().endswith(".gguf")
+    if looks_like_path and not path.exists():
+        return f"Nothing at {spec}: check the path (Esc cancels)."
+    return None
 
 
 class ModelPicker(ModalScreen[str | None]):
@@ -48,9 +60,18 @@ class ModelPicker(ModalScreen[str | None]):
     @work(thread=True, exclusive=True)
     def scan(self) -> None:
         choices = available_models()  # directory listings only, but a big cache takes a moment
-        self.app.call_from_thread(self._show, choices)
+        self.post_message(self.Scanned(choices))
 
-    def _show(self, choices: list[ModelChoice]) -> None:
+    class Scanned(Message, bubble=False):
+        """The models found, listed off the event loop."""
+
+        def __init__(self, choices: list[ModelChoice]) -> None:
+            super().__init__()
+            self.choices = choices
+
+    @on(Scanned)
+    def _show(self, message: Scanned) -> None:
+        choices = message.choices
         self._choices = choices
         options = self.query_one("#models", OptionList)
         options.loading = False
@@ -70,8 +91,13 @@ class ModelPicker(ModalScreen[str | None]):
     @on(Input.Submitted, "#spec")
     def _typed(self, event: Input.Submitted) -> None:
         spec = event.value.strip()
-        if spec:
-            self.dismiss(spec)
+        if not spec:
+            return
+        problem = _path_problem(spec)
+        if problem:  # stay open: a typo in a path is fixed here, not typed again
+            self.query_one(".dialog-hint", Static).update(Text(problem, style="bold red"))
+            return
+        self.dismiss(spec)
 
     @on(OptionList.OptionSelected, "#models")
     def _picked(self, event: OptionList.OptionSelected) -> None:
