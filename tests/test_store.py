@@ -245,6 +245,8 @@ def test_fork_shares_blocks_and_copies_no_kv(engine, store):
     store.fork("src", "copy")
     assert blocks(store) == before  # no KV file written or touched
     assert index_of(store, "copy")["kv"] == index_of(store, "src")["kv"]
+    # told apart in every list (the app's browser, `sessions list`) whichever way it was forked
+    assert store.read("copy").meta.title == f"{store.read('src').meta.title or 'src'} (fork)"
     with pytest.raises(StoreError, match="already exists"):
         store.fork("src", "copy")
 

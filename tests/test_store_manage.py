@@ -284,7 +284,7 @@ def test_gc_clears_stale_lock_files_but_not_held_ones(home):
     here = SessionStore(home).lock("here")  # and one in this process
     try:
         r = kvchat("sessions", "gc", home=home)
-        assert r.returncode == 0 and "and 1 stale lock files." in r.stdout
+        assert r.returncode == 0 and "and 1 stale lock file." in r.stdout
         assert sorted(os.listdir(locks)) == ["ghost.lock", "here.lock", "trip.lock"]
     finally:
         release(child)

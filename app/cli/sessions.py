@@ -248,7 +248,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
                           "stale_locks_removed": report.stale_locks, "kept_for_other_files": report.skipped}))
         return 0
     print(f"Removed {report.removed} unreferenced files ({format_bytes(report.freed)})"
-          + (f" and {report.stale_locks} stale lock files." if report.stale_locks else "."))
+          + (f" and {report.stale_locks} stale lock file{'s' if report.stale_locks != 1 else ''}."
+             if report.stale_locks else "."))
     if report.skipped:
         holders = sorted({h for hs in report.skipped.values() for h in hs})
         print(f"Kept {len(report.skipped)} KV files that only {', '.join(repr(h) for h in holders)} "

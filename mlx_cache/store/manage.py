@@ -188,7 +188,9 @@ def fork(store: "SessionStore", src: str, new: str) -> None:
                 raise StoreError(f"A session named {store.resolve(new)!r} already exists: choose another name for the fork.")
             now = time.time()
             # v1 entries are valid v2 ones; a v3 index (packs) stays v3
-            index.update(created=now, updated=now, version=3 if "packs" in index["kv"] else 2)
+            # Two chats with one title could not be told apart in a list: the fork says what it is.
+            index.update(created=now, updated=now, version=3 if "packs" in index["kv"] else 2,
+                         title=f"{index['title'] or src} (fork)")
             index["kv"].setdefault("dtype", _dtype(index))
             try:
                 if not durable.write_atomic(store.index_path(new), index_bytes(index), if_absent=True):

@@ -183,12 +183,8 @@ class SessionCommands:
         assert store is not None and engine is not None
 
         def job() -> "Chat":
-            store.fork(src, new)
-            forked = Chat.open(engine, store, new, create=False)
-            # Two chats with one title could not be told apart in the browser.
-            forked.title = f"{forked.title or src} (fork)"
-            forked.save()  # the index only: the fork shares every KV block
-            return forked
+            store.fork(src, new)  # the fork's title says it is one
+            return Chat.open(engine, store, new, create=False)
 
         try:
             forked = self.ctx.mlx.call(job)
