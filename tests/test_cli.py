@@ -165,3 +165,16 @@ def test_a_folder_without_weights_and_a_file_that_is_not_gguf(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert needle in last and ":" in last.split(needle, 1)[1]  # the problem, then the way out
+
+
+def test_ask_refuses_a_session_open_elsewhere_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path))
+    from mlx_cache.store import SessionStore
+
+    lock = SessionStore().lock("busy")  # as a kvchat window holding it would
+    try:
+        r = kvchat("ask", "hello", "--session", "busy", "-m", str(tmp_path / "no-model-needed"), home=tmp_path)
+    finally:
+        lock.release()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "busy" in r.stderr and "Loading" not in r.stderr  # refused first: no model read (nor even looked for)

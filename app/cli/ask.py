@@ -48,9 +48,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     kv_budget_from(args)
     session = merged(args, "session")
     if session:
-        from mlx_cache.store import check_name
+        from mlx_cache.store import SessionStore, check_name
 
         check_name(session)
+        # A session open in another window is refused now, not after the model has loaded.
+        SessionStore().lock(session).release()
     loaded = load(merged(args, "model"))
     engine = make_engine(args, loaded)
     if session:
