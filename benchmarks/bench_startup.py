@@ -74,13 +74,22 @@ def launch_once(tree: Path, home: str) -> dict[str, float]:
     return {k: v - started for k, v in seen.items()}
 
 
-def ask_once(tree: Path, home: str) -> float:
-    """Seconds for the whole `kvchat ask "Hi" --max-tokens 1` process."""
+def ask_once(tree: Path, home: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the whole `kvchat ask "Hi" --max-tokens 1` process.
+
+    CPU time (user + system, all threads) is what the process costs whatever
+    else the shared machine runs; wall time is what the user waits.
+    """
+    import resource
+
     env = dict(os.environ, KVCHAT_HOME=home, PYTHONPATH=str(tree))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "app", "ask", "Hi", "--max-tokens", "1", "--temp", "0"],
                    cwd=tree, env=env, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -100,7 +109,8 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
                            check=True, capture_output=True)
             trees["before"] = before
-        runs: dict[str, dict[str, list[float]]] = {t: {"first_frame": [], "ready": [], "ask": []} for t in trees}
+        runs: dict[str, dict[str, list[float]]] = {t: {"first_frame": [], "ready": [], "ask": [], "ask_cpu": []}
+                                                   for t in trees}
         order = list(trees)
         for r in range(args.rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:  # sides alternate
@@ -108,7 +118,9 @@ def main() -> None:
                 times = launch_once(trees[name], home)
                 runs[name]["first_frame"].append(times["first_frame"])
                 runs[name]["ready"].append(times["ready"])
-                runs[name]["ask"].append(ask_once(trees[name], tempfile.mkdtemp(dir=scratch)))
+                wall, cpu = ask_once(trees[name], tempfile.mkdtemp(dir=scratch))
+                runs[name]["ask"].append(wall)
+                runs[name]["ask_cpu"].append(cpu)
     finally:
         if "before" in trees:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees["before"])],
@@ -128,6 +140,8 @@ def main() -> None:
     result["first_frame_met"] = statistics.median(now["first_frame"]) <= GOAL_FIRST_FRAME_S
     if "before" in runs:
         result["ask_now_over_before"] = round(statistics.median(now["ask"]) / statistics.median(runs["before"]["ask"]), 3)
+        result["ask_cpu_now_over_before"] = round(
+            statistics.median(now["ask_cpu"]) / statistics.median(runs["before"]["ask_cpu"]), 3)
     print(json.dumps(result, indent=2))
 
 

@@ -258,11 +258,15 @@ def table_startup(r: dict[str, Any]) -> str:
     sides = [s for s in ("before", "now") if s in r]
     rows = ["| | " + " | ".join(sides) + " |", "|---|" + "---:|" * len(sides)]
     for key, label in (("first_frame", "launch to first frame (goal <= 1 s)"), ("ready", "launch to ready"),
-                       ("ask", '`kvchat ask "Hi" --max-tokens 1`, whole process')):
+                       ("ask", '`kvchat ask "Hi" --max-tokens 1`, whole process'),
+                       ("ask_cpu", "the same, CPU time (user + system)")):
+        if key not in r["now"]:
+            continue
         rows.append(f"| {label} | " + " | ".join(cell(side, key) for side in sides) + " |")
     notes = [f"median (range) of {r['rounds']} rounds, sides alternating; the embedded model."]
     if "ask_now_over_before" in r:
-        notes.append(f"`ask` now / before: {r['ask_now_over_before']:.2f}.")
+        notes.append(f"`ask` now / before: {r['ask_now_over_before']:.2f} in wall time"
+                     + (f", {r['ask_cpu_now_over_before']:.2f} in CPU time." if "ask_cpu_now_over_before" in r else "."))
     notes.append("First frame within 1 s: " + ("met." if r["first_frame_met"] else "missed."))
     return "\n".join(rows + ["", " ".join(notes)])
 
