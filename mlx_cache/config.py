@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from .numbers import MAX_TOKEN_COUNT, check_number
@@ -41,6 +41,16 @@ class CacheConfig:
     group_size: int = 64  # quantization group along head_dim
     keep_fp: int = 0  # leading tokens also kept unquantized (e.g. the system prompt)
     rotate: bool = False  # Hadamard-rotate K/V before quantizing (spreads outliers)
+    # The most recent tokens kept unquantized: a token is quantized only once it
+    # leaves this window (KIVI's residual), so the tokens a reply leans on most stay exact.
+    fp_window: int = 0
+    # Subtract a fixed per-layer, per-head mean from keys and values before quantizing
+    # (taken from the first chunk): small models' keys carry large per-channel offsets.
+    center: bool = False
+    # The first and last `edge_layers` layers keep K and V at `edge_bits` (they are the
+    # most sensitive to KV error); the other layers use k_bits / v_bits.
+    edge_layers: int = 0
+    edge_bits: int = 8
 
     def __post_init__(self) -> None:
         # Values also come from files (settings, session indexes): check kinds and ranges first.
@@ -59,6 +69,15 @@ class CacheConfig:
         check_number(self.keep_fp, "keep_fp", 0, MAX_TOKEN_COUNT, integer=True, error=CacheConfigError)
         if not isinstance(self.rotate, bool):
             raise CacheConfigError(f"rotate must be true or false, not {self.rotate!r}.")
+        if not isinstance(self.center, bool):
+            raise CacheConfigError(f"center must be true or false, not {self.center!r}.")
+        check_number(self.fp_window, "The float window (fp_window)", 0, MAX_TOKEN_COUNT, integer=True,
+                     error=CacheConfigError)
+        check_number(self.edge_layers, "edge_layers", 0, 4096, integer=True, error=CacheConfigError)
+        if not _is_int(self.edge_bits) or self.edge_bits not in SUPPORTED_BITS:
+            raise CacheConfigError(
+                f"The edge layers' bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {self.edge_bits!r}."
+            )
         if self.kind not in ("full", "rotating"):
             raise CacheConfigError(f"Unknown cache kind {self.kind!r}: use 'full' or 'rotating'.")
         for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
@@ -76,6 +95,14 @@ class CacheConfig:
                 "In a rotating cache only sink tokens can stay unquantized: "
                 "set keep_fp to at most the number of sinks."
             )
+        if not self.quantized and (self.fp_window or self.center or self.edge_layers):
+            raise CacheConfigError(
+                "A float window, centering and edge-layer bits only apply to a quantized cache: set --kv-bits."
+            )
+        if self.kind == "rotating" and self.fp_window > self.window:
+            raise CacheConfigError(
+                f"The float window ({self.fp_window}) cannot be longer than the rotating window ({self.window})."
+            )
         if self.rotate:
             if not self.quantized:
                 raise CacheConfigError("Hadamard rotation only applies to a quantized cache: set --kv-bits.")
@@ -88,6 +115,19 @@ class CacheConfig:
     @property
     def quantized(self) -> bool:
         return self.k_bits is not None or self.v_bits is not None
+
+    @property
+    def segmented(self) -> bool:
+        """Whether some held tokens stay in floats or the body is centered (attention then takes segments)."""
+        return self.quantized and bool(self.keep_fp or self.fp_window or self.center)
+
+    def for_layer(self, layer: int, n_layers: int) -> "CacheConfig":
+        """The config of layer `layer` of `n_layers`: edge layers get `edge_bits`, the rest are as given."""
+        if not self.edge_layers:
+            return self
+        if layer < self.edge_layers or layer >= n_layers - self.edge_layers:
+            return replace(self, k_bits=self.edge_bits, v_bits=self.edge_bits, edge_layers=0)
+        return replace(self, edge_layers=0)
 
     @property
     def capacity(self) -> int | None:
@@ -115,6 +155,14 @@ class CacheConfig:
             parts.append(k if k == v else f"{k}/{v}")
             if self.rotate:
                 parts.append("rot")
+            if self.keep_fp or self.fp_window:
+                parts.append(f"fp{self.keep_fp}+{self.fp_window}")
+            if self.center:
+                parts.append("centered")
+            if self.edge_layers:
+                parts.append(f"edges{self.edge_layers}:q{self.edge_bits}")
+            if self.group_size != 64:
+                parts.append(f"g{self.group_size}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

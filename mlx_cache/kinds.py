@@ -67,15 +67,16 @@ class FullKVCache(_BaseKV):
         for buf, new in zip(self.values, v):  # type: ignore[arg-type]
             buf[..., prev : self.offset, :] = new
         self._remember_fp_head(prev, keys, values)
-        return self._fetch()
+        self._remember_fp_tail(keys, values)
+        return self._fetch(n)
 
-    def _fetch(self) -> tuple[Any, Any]:
+    def _fetch(self, queries: int) -> tuple[Any, Any]:
         if self.offset < self.keys[0].shape[2]:  # type: ignore[index]
             k = _slice_tokens(self.keys, 0, self.offset)  # type: ignore[arg-type]
             v = _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
         else:
             k, v = self.keys, self.values
-        return self._present(k, v)  # type: ignore[arg-type]
+        return self._present(k, v, queries=queries)  # type: ignore[arg-type]
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
         if window_size is not None:
@@ -90,7 +91,11 @@ class FullKVCache(_BaseKV):
     def trim_to(self, position: int) -> None:
         if not self.can_trim_to(position):
             raise ValueError(f"cannot trim a cache at {self.offset} tokens to {position}")
+        old = self.offset
         self.offset = position
+        self._trim_tail(old)
+        if position == 0:
+            self._centers = None  # the next first chunk sets them again
 
     def temporal_planes(self) -> tuple[Planes, Planes] | None:
         if self.keys is None or self.offset == 0:
@@ -98,7 +103,8 @@ class FullKVCache(_BaseKV):
         return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
 
     def load_planes(
-        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
+        extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
         self.reset()
         self.dtype = dtype
@@ -108,6 +114,7 @@ class FullKVCache(_BaseKV):
         probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
         self._setup(probe, probe)
         self.keys, self.values, self.offset = keys, values, offset
+        self._restore_extras(keys, values, extras)
         if float_head is not None and self.config.quantized and self.config.keep_fp:
             self._fp_head = float_head
         else:
@@ -119,9 +126,7 @@ class FullKVCache(_BaseKV):
             # The unquantized head is rebuilt from the session's own fp planes by the
             # store when it has them; otherwise fall back to the dequantized values.
             n = min(keep, self.tokens)
-            k = self.kc.decode(_slice_tokens(self.keys, 0, n), self.dtype)  # type: ignore[arg-type]
-            v = self.vc.decode(_slice_tokens(self.values, 0, n), self.dtype)  # type: ignore[arg-type]
-            self._fp_head = (k, v)
+            self._fp_head = self._decode(_slice_tokens(self.keys, 0, n), _slice_tokens(self.values, 0, n))  # type: ignore[arg-type]
 
 
 def make_layer_cache(config: CacheConfig) -> FullKVCache | RotatingKVCache:
@@ -138,9 +143,10 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
     """
     n_layers = len(model.layers)
     if not hasattr(model, "make_cache"):
-        return [make_layer_cache(config) for _ in range(n_layers)]
+        return [make_layer_cache(config.for_layer(i, n_layers)) for i in range(n_layers)]
     caches = []
-    for own in model.make_cache():
+    for i, own in enumerate(model.make_cache()):
+        layer_config = config.for_layer(i, n_layers)
         max_size = getattr(own, "max_size", None)
         if max_size is not None:  # the model's own sliding-window layer
             keep = getattr(own, "keep", 0)
@@ -153,16 +159,18 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
                         kind="rotating",
                         window=window,
                         sinks=keep,
-                        k_bits=config.k_bits,
-                        v_bits=config.v_bits,
+                        k_bits=layer_config.k_bits,
+                        v_bits=layer_config.v_bits,
                         group_size=config.group_size,
                         keep_fp=min(config.keep_fp, keep),
                         rotate=config.rotate,
+                        fp_window=min(config.fp_window, window),
+                        center=config.center,
                     )
                 )
             )
         elif type(own).__name__ in ("KVCache", "QuantizedKVCache"):
-            caches.append(make_layer_cache(config))
+            caches.append(make_layer_cache(layer_config))
         else:
             caches.append(own)
     return caches

@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 
 from .config import CacheConfig
+from .mixed import MixedKV, Segment, mixed_attention_enabled
 from .quantize import Codec, Planes, RotatedPlanes, quantized_attention_available, rotated_attention_enabled
 
 
@@ -48,7 +49,7 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes the checkpoint's copies of the buffers hold."""
         total = 0
-        for key in ("keys", "values", "fp_head"):
+        for key in ("keys", "values", "fp_head", "fp_tail", "centers"):
             total += sum(p.nbytes for p in self.state.get(key) or ())
         return total
 
@@ -84,19 +85,24 @@ class _BaseKV:
         self.head_dim = 0
         # fp copies of the first `keep_fp` tokens (quantized caches only)
         self._fp_head: tuple[mx.array, mx.array] | None = None
+        # fp copies of the last `fp_window` tokens held (quantized caches only)
+        self._fp_tail: tuple[mx.array, mx.array] | None = None
+        # (key mean, value mean), each (B, n_kv_heads, 1, head_dim): what centering subtracts
+        self._centers: tuple[mx.array, mx.array] | None = None
         self._qattn = False
+        self._mixed = False  # attention takes MixedKV segments (see mlx_cache.mixed)
 
     # -- attention mode -------------------------------------------------------
     @property
     def bits(self) -> int:
         """Present only when the model should run quantized attention on us."""
-        if not self._qattn:
+        if not (self._qattn or self._mixed):
             raise AttributeError("bits")
-        return self.config.k_bits  # type: ignore[return-value]
+        return self.config.k_bits or self.config.v_bits  # type: ignore[return-value]
 
     @property
     def group_size(self) -> int:
-        if not self._qattn:
+        if not (self._qattn or self._mixed):
             raise AttributeError("group_size")
         return self.config.group_size
 
@@ -106,8 +112,10 @@ class _BaseKV:
         self.head_dim = keys.shape[-1]
         self.config.check_head_dim(self.head_dim)
         c = self.config
+        self._mixed = c.segmented and mixed_attention_enabled() and values.shape[-1] == keys.shape[-1]
         self._qattn = (
-            c.k_bits is not None
+            not c.segmented
+            and c.k_bits is not None
             and c.k_bits == c.v_bits
             and (not c.rotate or rotated_attention_enabled())
             and c.keep_fp == 0
@@ -118,7 +126,41 @@ class _BaseKV:
     def _encode(self, keys: mx.array, values: mx.array) -> tuple[Planes, Planes]:
         if self.keys is None and self.dtype is None:
             self._setup(keys, values)
+        if self.config.center and self.config.quantized:
+            if self._centers is None:
+                # Fixed from the first chunk, leaving out the float sinks (the sink token's
+                # key is far from the others and would pull the mean).
+                skip = min(self.config.keep_fp, keys.shape[2] - 1)
+                self._centers = (
+                    keys[..., skip:, :].mean(axis=2, keepdims=True),
+                    values[..., skip:, :].mean(axis=2, keepdims=True),
+                )
+            keys = keys - self._centers[0]
+            values = values - self._centers[1]
         return self.kc.encode(keys), self.vc.encode(values)
+
+    def _decode(self, k: Planes, v: Planes) -> tuple[mx.array, mx.array]:
+        """Stored planes back to keys and values as the model made them (up to quantization)."""
+        keys = self.kc.decode(k, self.dtype)
+        values = self.vc.decode(v, self.dtype)
+        if self._centers is not None and self.config.center:
+            keys = keys + self._centers[0] if self.kc.quantized else keys
+            values = values + self._centers[1] if self.vc.quantized else values
+        return keys, values
+
+    def _remember_fp_tail(self, keys: mx.array, values: mx.array) -> None:
+        """Keep float copies of the newest `fp_window` tokens."""
+        n = self.config.fp_window if self.config.quantized else 0
+        if not n:
+            return
+        if self._fp_tail is None or keys.shape[2] >= n:
+            self._fp_tail = (keys[..., -n:, :], values[..., -n:, :])
+            return
+        tk, tv = self._fp_tail
+        self._fp_tail = (
+            mx.concatenate([tk, keys], axis=2)[..., -n:, :],
+            mx.concatenate([tv, values], axis=2)[..., -n:, :],
+        )
 
     def _remember_fp_head(self, start: int, keys: mx.array, values: mx.array) -> None:
         """Keep float copies of tokens below keep_fp for the dequantized path."""
@@ -136,20 +178,72 @@ class _BaseKV:
                 mx.concatenate([hv[..., :start, :], v], axis=2),
             )
 
-    def _present(self, k: Planes, v: Planes) -> tuple[Any, Any]:
-        """Turn stored planes into what the model's attention consumes."""
+    def _present(self, k: Planes, v: Planes, positions: mx.array | None = None, queries: int = 1) -> tuple[Any, Any]:
+        """Turn stored planes into what the model's attention consumes.
+
+        `k`/`v` hold the tokens attention sees, in position order (rows), with
+        the float head (if any) in the first rows and the float tail in the
+        last ones; `positions` are their absolute positions (default: 0, 1,
+        ...) and `queries` how many of the newest tokens are this call's queries.
+        """
         if self._qattn:
             # Rotated planes go to attention still rotated; it rotates q and the output.
             return (RotatedPlanes(k), RotatedPlanes(v)) if self.config.rotate else (k, v)
         if not self.kc.quantized and not self.vc.quantized:
             return k[0], v[0]
-        keys = self.kc.decode(k, self.dtype)
-        values = self.vc.decode(v, self.dtype)
-        if self._fp_head is not None:
-            n = min(self._fp_head[0].shape[2], keys.shape[2])
-            keys = mx.concatenate([self._fp_head[0][..., :n, :], keys[..., n:, :]], axis=2)
-            values = mx.concatenate([self._fp_head[1][..., :n, :], values[..., n:, :]], axis=2)
+        rows = k[0].shape[2]
+        head = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], rows)
+        tail = 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], rows - head)
+        if self._mixed:
+            pos = mx.arange(rows) if positions is None else positions
+            segments = []
+            if head:
+                segments.append(Segment(self._fp_head[0][..., :head, :], self._fp_head[1][..., :head, :], pos[:head]))
+            c = self.config
+            centers = self._centers if c.center else None
+            segments.append(Segment(
+                tuple(p[..., head : rows - tail, :] for p in k), tuple(p[..., head : rows - tail, :] for p in v),
+                pos[head : rows - tail], k_bits=c.k_bits, v_bits=c.v_bits, group_size=c.group_size, rotated=c.rotate,
+                k_mean=None if centers is None else centers[0], v_mean=None if centers is None else centers[1],
+            ))
+            if tail:
+                ft = self._fp_tail
+                segments.append(Segment(ft[0][..., -tail:, :], ft[1][..., -tail:, :], pos[rows - tail :]))  # type: ignore[index]
+            last = int(pos[-1].item()) + 1 if positions is not None else rows
+            mixed = MixedKV.of(segments, mx.arange(last - queries, last), *self._mask_window())
+            return mixed, mixed
+        keys, values = self._decode(k, v)
+        if head:
+            keys = mx.concatenate([self._fp_head[0][..., :head, :], keys[..., head:, :]], axis=2)
+            values = mx.concatenate([self._fp_head[1][..., :head, :], values[..., head:, :]], axis=2)
+        if tail:
+            ft = self._fp_tail
+            keys = mx.concatenate([keys[..., : rows - tail, :], ft[0][..., -tail:, :]], axis=2)  # type: ignore[index]
+            values = mx.concatenate([values[..., : rows - tail, :], ft[1][..., -tail:, :]], axis=2)  # type: ignore[index]
         return keys, values
+
+    def _trim_tail(self, old: int) -> None:
+        """After a trim from `old` (rows are positions): cut the float tail to the new end; tokens it no longer holds come back dequantized."""
+        if self._fp_tail is None or self.keys is None:
+            return
+        want = min(self.config.fp_window, self.offset)
+        kept = self._fp_tail[0].shape[2] - (old - self.offset)  # tail tokens still below the new end
+        if kept >= want:
+            n = self._fp_tail[0].shape[2] - (old - self.offset)
+            self._fp_tail = (self._fp_tail[0][..., n - want : n, :], self._fp_tail[1][..., n - want : n, :])
+            return
+        # The tokens the tail lost long ago are back only as their codes: dequantize those.
+        start = self.offset - want
+        k, v = self._decode(_slice_tokens(self.keys, start, self.offset - max(kept, 0)),
+                            _slice_tokens(self.values, start, self.offset - max(kept, 0)))
+        if kept > 0:
+            k = mx.concatenate([k, self._fp_tail[0][..., :kept, :]], axis=2)
+            v = mx.concatenate([v, self._fp_tail[1][..., :kept, :]], axis=2)
+        self._fp_tail = (k, v)
+
+    def _mask_window(self) -> tuple[int | None, int]:
+        """(window, sinks) a segmented cache's prefill mask applies; a full cache has no window."""
+        return None, 0
 
     # -- accounting -----------------------------------------------------------
     @property
@@ -165,10 +259,13 @@ class _BaseKV:
         )
 
     def _fp_head_bytes(self) -> int:
-        if self._fp_head is None:
+        """Bytes of the float copies (head, tail) and centers, cut to the tokens held."""
+        if self.dtype is None:
             return 0
-        n = min(self._fp_head[0].shape[2], self.tokens)
-        return n * 2 * self.n_kv_heads * self.head_dim * self.dtype.size  # type: ignore[union-attr]
+        n = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], self.tokens)
+        n += 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], self.tokens)
+        n += 1 if self._centers is not None else 0
+        return n * 2 * self.n_kv_heads * self.head_dim * self.dtype.size
 
     @property
     def bytes_used(self) -> int:
@@ -182,8 +279,9 @@ class _BaseKV:
         for planes in (self.keys, self.values):
             if planes is not None:
                 total += sum(p.nbytes for p in planes)
-        if self._fp_head is not None:
-            total += self._fp_head[0].nbytes + self._fp_head[1].nbytes
+        for extra in (self._fp_head, self._fp_tail, self._centers):
+            if extra is not None:
+                total += extra[0].nbytes + extra[1].nbytes
         return total
 
     @property
@@ -212,7 +310,8 @@ class _BaseKV:
 
     # -- checkpoints ----------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"keys": _copy(self.keys), "values": _copy(self.values), "fp_head": self._fp_head}
+        return {"keys": _copy(self.keys), "values": _copy(self.values), "fp_head": self._fp_head,
+                "fp_tail": self._fp_tail, "centers": self._centers}
 
     def checkpoint(self) -> Checkpoint:
         """Snapshot the current state (buffers are copied on the next write, not now)."""
@@ -222,11 +321,13 @@ class _BaseKV:
         s = checkpoint.state
         self.keys, self.values = _copy(s["keys"]), _copy(s["values"])
         self._fp_head = s["fp_head"]
+        self._fp_tail = s.get("fp_tail")
+        self._centers = s.get("centers")
         self.offset = checkpoint.offset
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self._fp_head = None
+        self._fp_head = self._fp_tail = self._centers = None
         self.offset = 0
 
     # -- storage access for the session store --------------------------------
@@ -235,15 +336,46 @@ class _BaseKV:
         raise NotImplementedError
 
     def load_planes(
-        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
+        extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
         """Replace the contents with planes in position order (the session store's restore).
 
         `float_head` is what :meth:`float_head` returned when the planes were
-        saved; without it a quantized cache with ``keep_fp`` rebuilds its float
-        head by dequantizing (close, but not bitwise what it was).
+        saved and `extras` what :meth:`extras` returned; without them a
+        quantized cache with ``keep_fp`` or ``fp_window`` rebuilds its float
+        copies by dequantizing (close, but not bitwise what it was).
         """
         raise NotImplementedError
+
+    def extras(self) -> dict[str, tuple[mx.array, mx.array]]:
+        """The float state besides the planes and the head: ``"tail"`` (the
+        ``fp_window`` copies, cut to the tokens held) and ``"centers"``. The
+        session store saves it whole with each save (it changes every turn)."""
+        out: dict[str, tuple[mx.array, mx.array]] = {}
+        if not self.config.quantized or not self.tokens:
+            return out
+        if self._fp_tail is not None:
+            n = min(self._fp_tail[0].shape[2], self.tokens)
+            out["tail"] = (self._fp_tail[0][..., -n:, :], self._fp_tail[1][..., -n:, :])
+        if self._centers is not None and self.config.center:
+            out["centers"] = self._centers
+        return out
+
+    def _restore_extras(self, keys: Planes, values: Planes, extras: dict[str, tuple[mx.array, mx.array]] | None) -> None:
+        """Float tail and centers after a load: the saved ones, or rebuilt from the planes."""
+        extras = extras or {}
+        c = self.config
+        if c.center and c.quantized:
+            # Without saved centers the codes cannot be read back: the store always saves them.
+            self._centers = extras.get("centers")
+        if c.fp_window and c.quantized:
+            if "tail" in extras:
+                self._fp_tail = extras["tail"]
+            else:
+                held = self.tokens
+                n = min(c.fp_window, held)
+                self._fp_tail = self._decode(_slice_tokens(keys, held - n, held), _slice_tokens(values, held - n, held))
 
     def float_head(self) -> tuple[mx.array, mx.array] | None:
         """Float copies of the leading ``keep_fp`` tokens a quantized cache keeps, cut to the tokens held.
