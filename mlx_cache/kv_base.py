@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 
 from .config import CacheConfig
-from .mixed import MixedKV, Segment, mixed_attention_enabled
+from .mixed import MixedKV, Segment, mixed_attention_enabled, segments_for_every_quantized_cache
 from .quantize import Codec, Planes, RotatedPlanes, quantized_attention_available, rotated_attention_enabled
 
 
@@ -112,9 +112,10 @@ class _BaseKV:
         self.head_dim = keys.shape[-1]
         self.config.check_head_dim(self.head_dim)
         c = self.config
-        self._mixed = c.segmented and mixed_attention_enabled() and values.shape[-1] == keys.shape[-1]
+        segmented = c.segmented or (c.quantized and segments_for_every_quantized_cache())
+        self._mixed = segmented and mixed_attention_enabled() and values.shape[-1] == keys.shape[-1]
         self._qattn = (
-            not c.segmented
+            not self._mixed
             and c.k_bits is not None
             and c.k_bits == c.v_bits
             and (not c.rotate or rotated_attention_enabled())

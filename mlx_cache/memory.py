@@ -62,10 +62,38 @@ def measure(caches: Iterable[Any]) -> CacheUsage:
 
 
 def bytes_per_token(shape: KVShape, config: CacheConfig) -> int:
-    """Bytes one token of context takes across all layers (keys and values)."""
-    k = Codec(config.k_bits, config.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
-    v = Codec(config.v_bits, config.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
-    return shape.n_layers * (k + v)
+    """Bytes one token of context takes across all layers (keys and values), edge layers included."""
+    total = 0
+    for layer in range(shape.n_layers):
+        c = config.for_layer(layer, shape.n_layers)
+        for bits in (c.k_bits, c.v_bits):
+            total += Codec(bits, c.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
+    return total
+
+
+def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits: int = 16) -> float:
+    """Bits per stored K/V element at `tokens` of context, counting everything the cache keeps.
+
+    Codes, scales and biases, the float copies of sinks (``keep_fp``) and of the
+    recent window (``fp_window``), and the centering vectors, over every layer
+    (edge layers at their own bits). Float data counts `float_bits` each: 16 is
+    what a cache holds on Metal and CUDA (on the CPU kvchat computes in float32,
+    which doubles the float parts but changes nothing else).
+    """
+    held = min(tokens, config.capacity) if config.capacity else tokens
+    if held <= 0:
+        return 0.0
+    d = shape.head_dim
+    total = 0
+    for layer in range(shape.n_layers):
+        c = config.for_layer(layer, shape.n_layers)
+        for bits in (c.k_bits, c.v_bits):
+            per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
+            total += held * per_head
+        if c.quantized:
+            extra = min(c.keep_fp, held) + min(c.fp_window, held) + (1 if c.center else 0)
+            total += extra * 2 * d * float_bits
+    return total / (held * shape.n_layers * 2 * d)
 
 
 def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]:
@@ -77,9 +105,10 @@ def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]
     held = min(tokens, config.capacity) if config.capacity else tokens
     per = bytes_per_token(shape, config)
     fp_head = 0
-    if config.quantized and config.keep_fp:
-        fp_head = min(config.keep_fp, held) * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size
-        fp_head *= shape.n_layers
+    if config.quantized:
+        # float copies of the sinks and of the recent window, and the centering vectors
+        fp_tokens = min(config.keep_fp, held) + min(config.fp_window, held) + (1 if config.center and held else 0)
+        fp_head = fp_tokens * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size * shape.n_layers
     used = held * per + fp_head
     step = 256
     alloc_tokens = -(-held // step) * step
@@ -165,7 +194,7 @@ def attends_dequantized(shape: KVShape, config: CacheConfig) -> bool:
     """
     if not config.quantized:
         return False
-    if config.k_bits is None or config.k_bits != config.v_bits or config.keep_fp:
+    if config.k_bits is None or config.k_bits != config.v_bits or config.segmented:
         return True
     if config.rotate and not rotated_attention_enabled():
         return True

@@ -27,6 +27,7 @@ import mlx.core as mx
 from .quantize import Planes, hadamard, quantized_attention_available
 
 _enabled = False
+_every_quantized = False
 
 
 def enable_mixed_attention() -> None:
@@ -41,6 +42,23 @@ def enable_mixed_attention() -> None:
 
 def mixed_attention_enabled() -> bool:
     return _enabled
+
+
+def segment_every_quantized_cache(on: bool) -> None:
+    """Route plain quantized caches (no levers) through :func:`mixed_attention` too.
+
+    The quality benchmark does this so every layout's prefill takes the same
+    float-matmul path on the CPU (the same attention, up to summation order,
+    several times faster there than quantized_matmul with many queries);
+    decoding steps use the same quantized kernel either way. Caches made
+    after the call are affected.
+    """
+    global _every_quantized
+    _every_quantized = on
+
+
+def segments_for_every_quantized_cache() -> bool:
+    return _every_quantized
 
 
 @dataclass(frozen=True)
