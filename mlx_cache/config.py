@@ -170,6 +170,15 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheConfig":
-        """Build from a dict, ignoring unknown keys (forward compatible)."""
+        """Build from a dict; keys it lacks take their defaults (older files), unknown keys are refused.
+
+        An unknown key is an option of a newer kvchat: opening its session here
+        would silently run another cache layout than the one it was saved with.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            raise CacheConfigError(
+                f"Unknown KV cache option {unknown[0]!r}: this was saved by a newer kvchat; upgrade kvchat to open it."
+            )
+        return cls(**data)

@@ -45,6 +45,11 @@ CONFIGS = {
     "rotating-q8-float-head": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=8, v_bits=8, keep_fp=4),
     "rotated-q4": CacheConfig(k_bits=4, v_bits=4, rotate=True),
     "rotating-rotated-q3": CacheConfig(kind="rotating", window=32, sinks=4, k_bits=3, v_bits=3, rotate=True),
+    # the quality levers: float sinks and window, centering, edge-layer bits (saved beside the blocks)
+    "k4v3-window-centered": CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=24, center=True),
+    "q3-edges": CacheConfig(k_bits=3, v_bits=3, edge_layers=1, fp_window=8),
+    "rotating-q4-window-centered": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=4, v_bits=4, keep_fp=4,
+                                               fp_window=16, center=True),
 }
 
 
@@ -173,9 +178,10 @@ def test_resume_prefills_only_the_new_turn(engine, store, kind):
     resumed.close()
 
 
-def test_rotating_checkpoint_survives_resume(engine, store):
+@pytest.mark.parametrize("kind", ["rotating", "rotating-q4-window-centered"])
+def test_rotating_checkpoint_survives_resume(engine, store, kind):
     """Regenerating on a wrapped window goes back to the saved checkpoint, as without the restart."""
-    live = Chat(engine, CONFIGS["rotating"], GREEDY.with_(max_tokens=30), store, "r")
+    live = Chat(engine, CONFIGS[kind], GREEDY.with_(max_tokens=30), store, "r")
     first = turn(live, "a b c d e f g h i j k l m n o p q r s t")
     assert live.state.caches[0].wrapped
     save_with_checkpoint(live)
