@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from mlx_cache.numbers import MAX_TOKEN_COUNT, parse_number  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .kv_flags import KV_QUALITY_FLAGS, add_kv_quality_args, apply_kv_quality_flags, format_preset_rows, preset_rows  # noqa: E402
 
 EXIT_USAGE = 2
 
@@ -84,13 +85,15 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-keep-fp", type=_number("--kv-keep-fp", 0, MAX_TOKEN_COUNT, integer=True),
                    help="leading tokens kept unquantized")
     g.add_argument("--kv-rotate", action="store_true", default=None, help="Hadamard-rotate K/V before quantizing")
+    add_kv_quality_args(g, _number, MAX_TOKEN_COUNT)
     g.add_argument("--kv-budget", type=_size("--kv-budget"),
                    help="KV memory budget such as 2GB (default: what the device can spare)")
     g.add_argument("--on-budget", choices=["rotate", "refuse"], default=None,
                    help="when a chat would exceed the budget: switch to a rotating window, or refuse")
 
 
-CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate")
+CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate",
+               *KV_QUALITY_FLAGS)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -172,7 +175,7 @@ def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
     if getattr(args, "kv_rotate", None):
         fields["rotate"] = True
     try:
-        return CacheConfig.from_dict(fields)
+        return CacheConfig.from_dict(apply_kv_quality_flags(args, fields))
     except CacheConfigError as e:
         raise UserError(str(e)) from None
 
@@ -322,6 +325,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["kv_budget_bytes"] = budget
     info["max_context_in_budget"] = fits
     info["max_window_in_budget"] = windows
+    info["kv_presets"] = preset_rows(loaded.kv_shape, budget, loaded.max_context)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -349,6 +353,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             shown = f"{n:,} tokens"
         print(f"{label:>16}  {shown}")
+    print("\n".join(format_preset_rows(info["kv_presets"])))
     return 0
 
 

@@ -326,10 +326,10 @@ class Engine:
             )
         if config.kind == "rotating":
             window = min(window, config.window)
-        new_config = CacheConfig(
-            kind="rotating", window=window, sinks=sinks, k_bits=state.config.k_bits,
-            v_bits=state.config.v_bits, group_size=state.config.group_size,
-            keep_fp=min(state.config.keep_fp, sinks), rotate=state.config.rotate,
+        # Every quantization option carries over: the planes move as they are (centered codes need their centers).
+        new_config = replace(
+            state.config, kind="rotating", window=window, sinks=sinks, keep_fp=min(state.config.keep_fp, sinks),
+            fp_window=min(state.config.fp_window, window),
         )
         caches = make_caches(self.model, new_config)
         for old, new in zip(state.caches, caches):
@@ -341,7 +341,11 @@ class Engine:
             if held > new.capacity:
                 k = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in k)
                 v = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window :, :]], axis=2) for p in v)
-            new.load_planes(k, v, old.offset, old.dtype)
+            extras = old.extras() if hasattr(old, "extras") else {}
+            if "tail" in extras:
+                n = min(new_config.fp_window, extras["tail"][0].shape[2])
+                extras["tail"] = (extras["tail"][0][..., -n:, :], extras["tail"][1][..., -n:, :])
+            new.load_planes(k, v, old.offset, old.dtype, extras=extras)
         state.config, state.caches, state.checkpoint = new_config, caches, None
         return True
 

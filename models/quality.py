@@ -85,8 +85,9 @@ def score_context(
 ) -> dict[str, list[tuple[float, float, float, int]]]:
     """Per-chunk sums ``(nll, kl, top1, n)`` of each layout over `segments` segments of `context` tokens.
 
-    "full" (the float cache) is the reference and is always run. Token i of a
-    segment is scored from the logits at token i - 1 when i >= context / 2.
+    "full" (the float cache) is the reference and is always run. The logits at
+    positions context / 2 .. context - 1 of a segment are scored, each against
+    the token that follows it (the last one against the token after the segment).
     """
     if chunk < 1 or context < 2 * chunk or context % chunk:
         raise ValueError(f"the context ({context}) must be a multiple of the chunk ({chunk}), at least twice it")
