@@ -115,7 +115,7 @@ class _BaseKV:
         segmented = c.segmented or (c.quantized and segments_for_every_quantized_cache())
         self._mixed = segmented and mixed_attention_enabled() and values.shape[-1] == keys.shape[-1]
         self._qattn = (
-            not self._mixed
+            not segmented
             and c.k_bits is not None
             and c.k_bits == c.v_bits
             and (not c.rotate or rotated_attention_enabled())
@@ -228,6 +228,9 @@ class _BaseKV:
         if self._fp_tail is None or self.keys is None:
             return
         want = min(self.config.fp_window, self.offset)
+        if want == 0:
+            self._fp_tail = None
+            return
         kept = self._fp_tail[0].shape[2] - (old - self.offset)  # tail tokens still below the new end
         if kept >= want:
             n = self._fp_tail[0].shape[2] - (old - self.offset)

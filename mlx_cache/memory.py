@@ -145,6 +145,10 @@ def max_window(shape: KVShape, config: CacheConfig, budget_bytes: int, checkpoin
 #: softmax share buffers where MLX can donate them); 2 leaves room for backends
 #: that donate less.
 SCORE_COPIES = 2
+#: The same for a cache attending in segments (float sinks or window, centering;
+#: see mlx_cache.mixed): each segment's scores, the masked ones, their
+#: concatenation and the softmax (measured ~3.3 copies on the CPU).
+SEGMENTED_SCORE_COPIES = 4
 PREFILL_CHUNK_MAX = 512  # the engine's prefill step when memory is no concern
 PREFILL_CHUNK_MIN = 32  # the smallest step a tight budget shrinks it to
 
@@ -175,7 +179,8 @@ def prefill_scratch(shape: KVShape, config: CacheConfig, chunk: int, context: in
     keys = held + chunk
     heads = shape.n_heads or shape.n_kv_heads
     dt = shape.dtype_size
-    scores = heads * chunk * keys * (SCORE_COPIES * dt + 1)
+    copies = SEGMENTED_SCORE_COPIES if config.segmented else SCORE_COPIES
+    scores = heads * chunk * keys * (copies * dt + 1)
     # one layer's K/V buffer: the old one while a full cache grows, the position-ordered copy a rotating one makes
     buffers = keys * (bytes_per_token(shape, config) // max(1, shape.n_layers))
     # decoded K and V, and the same with the float head in front, while the decoded ones are still alive

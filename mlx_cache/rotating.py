@@ -67,8 +67,8 @@ class RotatingKVCache(_BaseKV):
             self._remember_fp_tail(keys, values)
             self._update_one(k, v)
             held = self.tokens
-            if self._mixed:
-                # Segments need position order (the float tail is the newest rows).
+            if self._mixed or self._fp_tail is not None:
+                # Position order: the float tail must be the newest rows.
                 tk, tv = self._temporal()
                 return self._present(tk, tv, self._positions(held), queries=1)
             if held < self.keys[0].shape[2]:
