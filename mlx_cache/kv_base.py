@@ -136,24 +136,31 @@ class _BaseKV:
                     keys[..., skip:, :].mean(axis=2, keepdims=True),
                     values[..., skip:, :].mean(axis=2, keepdims=True),
                 )
-            keys = keys - self._centers[0]
-            values = values - self._centers[1]
+        keys, values = self._centered(keys, values)
         return self.kc.encode(keys), self.vc.encode(values)
 
+    def _centered(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values in the cache's own coordinates: minus the centers when centering.
+
+        Every float copy the cache keeps (sinks, window) is centered like the
+        codes, so attention needs no correction for keys (a shift shared by
+        all keys of a query leaves softmax unchanged) and one addition of the
+        value center to its output (the weights sum to 1).
+        """
+        if self._centers is None or not self.config.center:
+            return keys, values
+        return keys - self._centers[0], values - self._centers[1]
+
     def _decode(self, k: Planes, v: Planes) -> tuple[mx.array, mx.array]:
-        """Stored planes back to keys and values as the model made them (up to quantization)."""
-        keys = self.kc.decode(k, self.dtype)
-        values = self.vc.decode(v, self.dtype)
-        if self._centers is not None and self.config.center:
-            keys = keys + self._centers[0] if self.kc.quantized else keys
-            values = values + self._centers[1] if self.vc.quantized else values
-        return keys, values
+        """Stored planes back to keys and values in the cache's coordinates (see :meth:`_centered`)."""
+        return self.kc.decode(k, self.dtype), self.vc.decode(v, self.dtype)
 
     def _remember_fp_tail(self, keys: mx.array, values: mx.array) -> None:
         """Keep float copies of the newest `fp_window` tokens."""
         n = self.config.fp_window if self.config.quantized else 0
         if not n:
             return
+        keys, values = self._centered(keys, values)
         if self._fp_tail is None or keys.shape[2] >= n:
             self._fp_tail = (keys[..., -n:, :], values[..., -n:, :])
             return
@@ -168,6 +175,7 @@ class _BaseKV:
         keep = self.config.keep_fp if self.config.quantized else 0
         if start >= keep:
             return
+        keys, values = self._centered(keys, values)
         n = min(keep - start, keys.shape[2])
         k, v = keys[..., :n, :], values[..., :n, :]
         if self._fp_head is None or start == 0:
@@ -195,23 +203,22 @@ class _BaseKV:
         rows = k[0].shape[2]
         head = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], rows)
         tail = 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], rows - head)
+        centers = self._centers if self.config.center else None
         if self._mixed:
             pos = mx.arange(rows) if positions is None else positions
-            segments = []
-            if head:
-                segments.append(Segment(self._fp_head[0][..., :head, :], self._fp_head[1][..., :head, :], pos[:head]))
             c = self.config
-            centers = self._centers if c.center else None
-            segments.append(Segment(
+            segments = [Segment(
                 tuple(p[..., head : rows - tail, :] for p in k), tuple(p[..., head : rows - tail, :] for p in v),
                 pos[head : rows - tail], k_bits=c.k_bits, v_bits=c.v_bits, group_size=c.group_size, rotated=c.rotate,
-                k_mean=None if centers is None else centers[0], v_mean=None if centers is None else centers[1],
-            ))
-            if tail:
-                ft = self._fp_tail
-                segments.append(Segment(ft[0][..., -tail:, :], ft[1][..., -tail:, :], pos[rows - tail :]))  # type: ignore[index]
+            )]
+            if head or tail:
+                # the sinks and the recent window in one float segment: fewer kernels per step
+                fk, fv = self._float_rows(head, tail)
+                segments.append(Segment(fk, fv, mx.concatenate([pos[:head], pos[rows - tail :]]) if head and tail
+                                        else (pos[:head] if head else pos[rows - tail :])))
             last = int(pos[-1].item()) + 1 if positions is not None else rows
-            mixed = MixedKV.of(segments, mx.arange(last - queries, last), *self._mask_window())
+            mixed = MixedKV.of(segments, mx.arange(last - queries, last), *self._mask_window(),
+                               v_mean=None if centers is None else centers[1])
             return mixed, mixed
         keys, values = self._decode(k, v)
         if head:
@@ -221,10 +228,24 @@ class _BaseKV:
             ft = self._fp_tail
             keys = mx.concatenate([keys[..., : rows - tail, :], ft[0][..., -tail:, :]], axis=2)  # type: ignore[index]
             values = mx.concatenate([values[..., : rows - tail, :], ft[1][..., -tail:, :]], axis=2)  # type: ignore[index]
+        if centers is not None:
+            values = values + centers[1]  # keys may stay shifted: softmax does not see a shared shift
         return keys, values
 
+    def _float_rows(self, head: int, tail: int) -> tuple[mx.array, mx.array]:
+        parts = []
+        if head:
+            parts.append((self._fp_head[0][..., :head, :], self._fp_head[1][..., :head, :]))  # type: ignore[index]
+        if tail:
+            parts.append((self._fp_tail[0][..., -tail:, :], self._fp_tail[1][..., -tail:, :]))  # type: ignore[index]
+        if len(parts) == 1:
+            return parts[0]
+        return (mx.concatenate([parts[0][0], parts[1][0]], axis=2),
+                mx.concatenate([parts[0][1], parts[1][1]], axis=2))
+
     def _trim_tail(self, old: int) -> None:
-        """After a trim from `old` (rows are positions): cut the float tail to the new end; tokens it no longer holds come back dequantized."""
+        """After a trim from `old` (rows are positions): cut the float tail to the new end;
+        tokens it no longer holds come back dequantized."""
         if self._fp_tail is None or self.keys is None:
             return
         want = min(self.config.fp_window, self.offset)
@@ -233,8 +254,7 @@ class _BaseKV:
             return
         kept = self._fp_tail[0].shape[2] - (old - self.offset)  # tail tokens still below the new end
         if kept >= want:
-            n = self._fp_tail[0].shape[2] - (old - self.offset)
-            self._fp_tail = (self._fp_tail[0][..., n - want : n, :], self._fp_tail[1][..., n - want : n, :])
+            self._fp_tail = (self._fp_tail[0][..., kept - want : kept, :], self._fp_tail[1][..., kept - want : kept, :])
             return
         # The tokens the tail lost long ago are back only as their codes: dequantize those.
         start = self.offset - want

@@ -10,11 +10,10 @@ all of them, and sums the segments' outputs. Nothing is dequantized while
 decoding, so a step costs what plain quantized attention costs plus the few
 float tokens.
 
-Centering: the body stores ``k - mu_k`` and ``v - mu_v`` with fixed
-per-layer, per-head vectors. Scores get ``q . mu_k`` back (the same for every
-key of a query, so softmax would not even need it; adding it keeps the body
-and the float segments on one scale) and the body's output gets its share of
-``mu_v`` back: the attention result is unchanged up to rounding.
+Centering: every segment holds ``k - mu_k`` and ``v - mu_v`` with fixed
+per-layer, per-head vectors. The scores of a query all shift by the same
+``q . mu_k``, which softmax ignores, and the output gets ``mu_v`` back once
+(the weights sum to 1): the attention result is unchanged up to rounding.
 """
 
 from __future__ import annotations
@@ -78,8 +77,6 @@ class Segment:
     v_bits: int | None = None
     group_size: int = 64
     rotated: bool = False
-    k_mean: mx.array | None = None  # (B, n_kv_heads, 1, D): what centering took off the keys
-    v_mean: mx.array | None = None
 
     @property
     def length(self) -> int:
@@ -93,14 +90,16 @@ class MixedKV(tuple):
     query_positions: mx.array  # the positions of the queries of this call
     window: int | None  # a rotating cache's window: query p sees keys > p - window (and the sinks)
     sinks: int
+    v_mean: mx.array | None  # (B, n_kv_heads, 1, D): the value center, added to the output
 
     @classmethod
     def of(cls, segments: Sequence[Segment], query_positions: mx.array, window: int | None = None,
-           sinks: int = 0) -> "MixedKV":
+           sinks: int = 0, v_mean: mx.array | None = None) -> "MixedKV":
         obj = cls(s for s in segments if s.length)
         obj.query_positions = query_positions
         obj.window = window
         obj.sinks = sinks
+        obj.v_mean = v_mean
         return obj
 
 
@@ -161,8 +160,6 @@ def mixed_attention(queries: mx.array, kv: MixedKV, scale: float) -> mx.array:
                 sc = mx.quantized_matmul(qs, *k, transpose=True, group_size=s.group_size, bits=s.k_bits)
             else:
                 sc = qs @ mx.swapaxes(_dequant(k, s.k_bits, s.group_size, dtype), -1, -2)
-            if s.k_mean is not None:
-                sc = sc + q @ mx.swapaxes(mx.expand_dims(s.k_mean, 2), -1, -2)  # (..., L, 1)
         if L > 1:
             scores.append(_masked(sc, s.positions, kv))
         else:
@@ -184,9 +181,9 @@ def mixed_attention(queries: mx.array, kv: MixedKV, scale: float) -> mx.array:
                 o = p @ _dequant(v, s.v_bits, s.group_size, dtype)
             if s.rotated:
                 o = hadamard(o)
-            if s.v_mean is not None:
-                o = o + p.sum(axis=-1, keepdims=True) * mx.expand_dims(s.v_mean, 2)
         out = o if out is None else out + o
+    if kv.v_mean is not None:
+        out = out + mx.expand_dims(kv.v_mean, 2)  # every segment holds centered values; the weights sum to 1
     return out.reshape(B, n_heads, L, D)  # type: ignore[union-attr]
 
 
