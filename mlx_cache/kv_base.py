@@ -216,8 +216,8 @@ class _BaseKV:
                 fk, fv = self._float_rows(head, tail)
                 segments.append(Segment(fk, fv, mx.concatenate([pos[:head], pos[rows - tail :]]) if head and tail
                                         else (pos[:head] if head else pos[rows - tail :])))
-            last = int(pos[-1].item()) + 1 if positions is not None else rows
-            mixed = MixedKV.of(segments, mx.arange(last - queries, last), *self._mask_window(),
+            # the newest row is the newest token: its position is offset - 1
+            mixed = MixedKV.of(segments, mx.arange(self.offset - queries, self.offset), *self._mask_window(),
                                v_mean=None if centers is None else centers[1])
             return mixed, mixed
         keys, values = self._decode(k, v)
