@@ -428,6 +428,25 @@ async def test_settings_are_saved_and_used_by_the_next_app(home, tiny):
 
 
 @sync
+async def test_settings_preset_fills_the_kv_fields_and_is_saved(home, tiny):
+    from mlx_cache.presets import PRESETS
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        from textual.widgets import Input, Select
+
+        app.screen.query_one("#preset", Select).value = "kv3"
+        await pilot.pause(0.2)
+        assert app.screen.query_one("#fp_window", Input).value == str(PRESETS["kv3"].config.fp_window)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+    data = json.loads(settings_path().read_text())
+    assert data["cache"] == PRESETS["kv3"].config.to_dict()
+
+
+@sync
 async def test_settings_form_rejects_bad_values(home, tiny):
     app = app_for(tiny)
     async with app.run_test(size=SIZE) as pilot:
