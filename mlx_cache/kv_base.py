@@ -265,6 +265,25 @@ class _BaseKV:
             v = mx.concatenate([v, self._fp_tail[1][..., :kept, :]], axis=2)
         self._fp_tail = (k, v)
 
+    def float_kv(self) -> tuple[mx.array, mx.array] | None:
+        """The held keys and values in float, as the model made them (up to quantization), in position order.
+
+        Float copies (sinks, window) are used where kept, centers added back:
+        what another program needs to continue from this cache (the mlx-lm export).
+        """
+        planes = self.temporal_planes()
+        if planes is None:
+            return None
+        modes = self._mixed, self._qattn
+        self._mixed = self._qattn = False
+        try:
+            keys, values = self._present(*planes)
+        finally:
+            self._mixed, self._qattn = modes
+        if self._centers is not None and self.config.center:
+            keys = keys + self._centers[0]
+        return keys, values
+
     def _mask_window(self) -> tuple[int | None, int]:
         """(window, sinks) a segmented cache's prefill mask applies; a full cache has no window."""
         return None, 0

@@ -378,6 +378,33 @@ def test_export_mlx_lm_loads_with_mlx_lm(engine, store, tmp_path, kind):
     resumed.close()
 
 
+def test_export_mlx_lm_of_a_centered_windowed_session_continues_like_the_session(engine, store, tmp_path):
+    # mlx-lm gets float keys and values: the codes dequantized, centers added back, the
+    # float sinks and window as they were. It then attends over those floats, the session
+    # over its codes: the same attention up to rounding.
+    from mlx_lm.models.cache import load_prompt_cache
+
+    chat = open_chat(engine, store, "s", CONFIGS["k4v3-window-centered"], system=LONG)
+    turn(chat, "Hello there, how are you doing today my friend?")
+    chat.close()
+    out = tmp_path / "prompt.safetensors"
+    store.export_mlx_lm("s", out)
+    cache = load_prompt_cache(str(out))
+    assert {type(c).__name__ for c in cache} == {"KVCache"}
+    live = chat.state.caches[0]
+    n = chat.state.config.fp_window
+    window_k = live._fp_tail[0] + live._centers[0]  # the float window as the model made it
+    assert mx.allclose(cache[0].keys[..., len(chat.state.tokens) - n : len(chat.state.tokens), :], window_k, atol=1e-5).item()
+    resumed = open_chat(engine, store, "s")
+    new = engine.encode(chat.messages + [{"role": "user", "content": "Next"}])[len(chat.state.tokens):]
+    want = step_logits(engine.model, resumed.state.caches, new)
+    got = step_logits(engine.model, cache, new)
+    # the session quantizes the window tokens the new ones push out; mlx-lm keeps them float
+    # (measured 0.016 on logits of ~4; centers left out would be far more)
+    assert all(mx.allclose(x, y, atol=0.05).item() for x, y in zip(want, got))
+    resumed.close()
+
+
 # -- nothing is ever lost ------------------------------------------------------------------
 
 
