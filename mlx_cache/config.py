@@ -51,6 +51,10 @@ class CacheConfig:
     # most sensitive to KV error); the other layers use k_bits / v_bits.
     edge_layers: int = 0
     edge_bits: int = 8
+    # Quantize keys per channel, each group `group_size` consecutive tokens of one channel
+    # (KIVI): a channel's offset costs no range. The newest tokens of an unfinished group
+    # stay in floats (a streaming residual) until the group fills.
+    k_per_channel: bool = False
 
     def __post_init__(self) -> None:
         # Values also come from files (settings, session indexes): check kinds and ranges first.
@@ -69,6 +73,8 @@ class CacheConfig:
         check_number(self.keep_fp, "keep_fp", 0, MAX_TOKEN_COUNT, integer=True, error=CacheConfigError)
         if not isinstance(self.rotate, bool):
             raise CacheConfigError(f"rotate must be true or false, not {self.rotate!r}.")
+        if not isinstance(self.k_per_channel, bool):
+            raise CacheConfigError(f"k_per_channel must be true or false, not {self.k_per_channel!r}.")
         if not isinstance(self.center, bool):
             raise CacheConfigError(f"center must be true or false, not {self.center!r}.")
         check_number(self.fp_window, "The float window (fp_window)", 0, MAX_TOKEN_COUNT, integer=True,
@@ -99,6 +105,16 @@ class CacheConfig:
             raise CacheConfigError(
                 "A float window, centering and edge-layer bits only apply to a quantized cache: set --kv-bits."
             )
+        if self.k_per_channel:
+            if self.k_bits is None:
+                raise CacheConfigError("Per-channel keys need quantized keys: set --k-bits or --kv-bits.")
+            if self.kind == "rotating":
+                raise CacheConfigError(
+                    "Per-channel keys quantize whole groups of tokens, which a rotating window evicts one at a "
+                    "time: use them with a full cache."
+                )
+            if self.rotate:
+                raise CacheConfigError("Per-channel keys and Hadamard rotation do not combine: choose one.")
         if self.kind == "rotating" and self.fp_window > self.window:
             raise CacheConfigError(
                 f"The float window ({self.fp_window}) cannot be longer than the rotating window ({self.window})."
@@ -119,7 +135,16 @@ class CacheConfig:
     @property
     def segmented(self) -> bool:
         """Whether some held tokens stay in floats or the body is centered (attention then takes segments)."""
-        return self.quantized and bool(self.keep_fp or self.fp_window or self.center)
+        return self.quantized and bool(self.keep_fp or self.fp_window or self.center or self.k_per_channel)
+
+    def float_tail(self, tokens: int) -> int:
+        """Tokens held in floats at the end after `tokens` of context: the window, or an unfinished key group."""
+        if not self.quantized:
+            return 0
+        n = self.fp_window
+        if self.k_per_channel:
+            n = max(n, tokens % self.group_size)
+        return min(n, tokens)
 
     def for_layer(self, layer: int, n_layers: int) -> "CacheConfig":
         """The config of layer `layer` of `n_layers`: edge layers get `edge_bits`, the rest are as given."""
@@ -159,6 +184,8 @@ class CacheConfig:
                 parts.append(f"fp{self.keep_fp}+{self.fp_window}")
             if self.center:
                 parts.append("centered")
+            if self.k_per_channel:
+                parts.append("k-per-channel")
             if self.edge_layers:
                 parts.append(f"edges{self.edge_layers}:q{self.edge_bits}")
             if self.group_size != 64:

@@ -67,8 +67,23 @@ class FullKVCache(_BaseKV):
         for buf, new in zip(self.values, v):  # type: ignore[arg-type]
             buf[..., prev : self.offset, :] = new
         self._remember_fp_head(prev, keys, values)
+        if self.kc.per_channel:
+            self._seal(prev, keys)
         self._remember_fp_tail(keys, values)
         return self._fetch(n)
+
+    def _seal(self, prev: int, keys: mx.array) -> None:
+        """Code the per-channel key groups this update filled, from their float copies."""
+        g = self.config.group_size
+        first, last = prev - prev % g, self.offset - self.offset % g
+        if last <= first:
+            return
+        new = self._centered(keys, keys)[0]
+        recent = new if self._fp_tail is None else mx.concatenate([self._fp_tail[0], new], axis=2)
+        start = self.offset - recent.shape[2]  # position of recent's first row; <= first (tail >= unfinished group)
+        codes = self.kc.encode_groups(recent[..., first - start : last - start, :])
+        for buf, c in zip(self.keys, codes):  # type: ignore[arg-type]
+            buf[..., first:last, :] = c
 
     def _fetch(self, queries: int) -> tuple[Any, Any]:
         if self.offset < self.keys[0].shape[2]:  # type: ignore[index]

@@ -75,7 +75,7 @@ class _BaseKV:
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self.kc = Codec(config.k_bits, config.group_size, config.rotate)
+        self.kc = Codec(config.k_bits, config.group_size, config.rotate, per_channel=config.k_per_channel)
         self.vc = Codec(config.v_bits, config.group_size, config.rotate)
         self.keys: Planes | None = None
         self.values: Planes | None = None
@@ -137,6 +137,12 @@ class _BaseKV:
                     values[..., skip:, :].mean(axis=2, keepdims=True),
                 )
         keys, values = self._centered(keys, values)
+        if self.kc.per_channel:
+            # Per-channel key groups are coded once whole (see FullKVCache._seal); until
+            # then their rows hold zeros and attention reads those tokens from the float tail.
+            w = self.kc.plane_widths(keys.shape[-1])
+            kd = self.kc.plane_dtypes(keys.dtype)
+            return tuple(mx.zeros((*keys.shape[:3], n), d) for n, d in zip(w, kd)), self.vc.encode(values)
         return self.kc.encode(keys), self.vc.encode(values)
 
     def _centered(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
@@ -157,8 +163,9 @@ class _BaseKV:
 
     def _remember_fp_tail(self, keys: mx.array, values: mx.array) -> None:
         """Keep float copies of the newest `fp_window` tokens."""
-        n = self.config.fp_window if self.config.quantized else 0
+        n = self.config.float_tail(self.offset)
         if not n:
+            self._fp_tail = None
             return
         keys, values = self._centered(keys, values)
         if self._fp_tail is None or keys.shape[2] >= n:
@@ -207,9 +214,17 @@ class _BaseKV:
         if self._mixed:
             pos = mx.arange(rows) if positions is None else positions
             c = self.config
+            end = rows - tail
+            if self.kc.per_channel:
+                # whole key groups (the tail holds at least the unfinished one); scores are cut to [head, end)
+                g = c.group_size
+                body_k = self.kc.channel_layout(tuple(p[..., : -(-end // g) * g, :] for p in k))
+            else:
+                body_k = tuple(p[..., head:end, :] for p in k)
             segments = [Segment(
-                tuple(p[..., head : rows - tail, :] for p in k), tuple(p[..., head : rows - tail, :] for p in v),
-                pos[head : rows - tail], k_bits=c.k_bits, v_bits=c.v_bits, group_size=c.group_size, rotated=c.rotate,
+                body_k, tuple(p[..., head:end, :] for p in v), pos[head:end], k_bits=c.k_bits, v_bits=c.v_bits,
+                group_size=c.group_size, rotated=c.rotate, k_per_channel=self.kc.per_channel,
+                k_first=head if self.kc.per_channel else 0,
             )]
             if head or tail:
                 # the sinks and the recent window in one float segment: fewer kernels per step
@@ -248,7 +263,7 @@ class _BaseKV:
         tokens it no longer holds come back dequantized."""
         if self._fp_tail is None or self.keys is None:
             return
-        want = min(self.config.fp_window, self.offset)
+        want = self.config.float_tail(self.offset)
         if want == 0:
             self._fp_tail = None
             return
@@ -258,8 +273,7 @@ class _BaseKV:
             return
         # The tokens the tail lost long ago are back only as their codes: dequantize those.
         start = self.offset - want
-        k, v = self._decode(_slice_tokens(self.keys, start, self.offset - max(kept, 0)),
-                            _slice_tokens(self.values, start, self.offset - max(kept, 0)))
+        k, v = self._decode_rows(start, self.offset - max(kept, 0))
         if kept > 0:
             k = mx.concatenate([k, self._fp_tail[0][..., :kept, :]], axis=2)
             v = mx.concatenate([v, self._fp_tail[1][..., :kept, :]], axis=2)
@@ -283,6 +297,22 @@ class _BaseKV:
         if self._centers is not None and self.config.center:
             keys = keys + self._centers[0]
         return keys, values
+
+    def _decode_rows(self, start: int, end: int, keys: Planes | None = None, values: Planes | None = None
+                     ) -> tuple[mx.array, mx.array]:
+        """Rows [start, end) of the planes (default: the cache's) decoded.
+
+        Per-channel keys decode by whole groups (from the group of `start` to the end of the
+        group of `end`), so the rows asked for must lie in groups that were coded.
+        """
+        keys = self.keys if keys is None else keys
+        values = self.values if values is None else values
+        a, b = start, end
+        if self.kc.per_channel:
+            g = self.kc.group_size
+            a, b = start - start % g, min(-(-end // g) * g, keys[0].shape[2])  # type: ignore[index]
+        k, v = self._decode(_slice_tokens(keys, a, b), _slice_tokens(values, start, end))  # type: ignore[arg-type]
+        return k[..., start - a : end - a, :], v
 
     def _mask_window(self) -> tuple[int | None, int]:
         """(window, sinks) a segmented cache's prefill mask applies; a full cache has no window."""
@@ -412,13 +442,13 @@ class _BaseKV:
         if c.center and c.quantized:
             # Without saved centers the codes cannot be read back: the store always saves them.
             self._centers = extras.get("centers")
-        if c.fp_window and c.quantized:
+        n = c.float_tail(self.offset)
+        if n:
             if "tail" in extras:
                 self._fp_tail = extras["tail"]
             else:
                 held = self.tokens
-                n = min(c.fp_window, held)
-                self._fp_tail = self._decode(_slice_tokens(keys, held - n, held), _slice_tokens(values, held - n, held))
+                self._fp_tail = self._decode_rows(held - n, held, keys, values)
 
     def float_head(self) -> tuple[mx.array, mx.array] | None:
         """Float copies of the leading ``keep_fp`` tokens a quantized cache keeps, cut to the tokens held.

@@ -91,7 +91,7 @@ def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits:
             per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
             total += held * per_head
         if c.quantized:
-            extra = min(c.keep_fp, held) + min(c.fp_window, held) + (1 if c.center else 0)
+            extra = min(c.keep_fp, held) + c.float_tail(held) + (1 if c.center else 0)
             total += extra * 2 * d * float_bits
     return total / (held * shape.n_layers * 2 * d)
 
@@ -107,7 +107,7 @@ def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]
     fp_head = 0
     if config.quantized:
         # float copies of the sinks and of the recent window, and the centering vectors
-        fp_tokens = min(config.keep_fp, held) + min(config.fp_window, held) + (1 if config.center and held else 0)
+        fp_tokens = min(config.keep_fp, held) + config.float_tail(held) + (1 if config.center and held else 0)
         fp_head = fp_tokens * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size * shape.n_layers
     used = held * per + fp_head
     step = 256

@@ -77,11 +77,14 @@ class Segment:
     v_bits: int | None = None
     group_size: int = 64
     rotated: bool = False
+    # Keys coded per channel (groups along the tokens): `keys` is the (B, H, D, T) quantized
+    # matrix of whole groups and the scores are cut to the `positions` rows from row `k_first`.
+    k_per_channel: bool = False
+    k_first: int = 0
 
     @property
     def length(self) -> int:
-        k = self.keys if isinstance(self.keys, mx.array) else self.keys[0]
-        return k.shape[2]
+        return self.positions.shape[0]
 
 
 class MixedKV(tuple):
@@ -149,7 +152,13 @@ def mixed_attention(queries: mx.array, kv: MixedKV, scale: float) -> mx.array:
     scores = []
     for s in kv:
         k = _expand(s.keys)
-        if s.k_bits is None:
+        if s.k_per_channel:
+            if _kernel(s.k_bits, s.group_size, D, dtype, L):  # type: ignore[arg-type]
+                sc = mx.quantized_matmul(q, *k, transpose=False, group_size=s.group_size, bits=s.k_bits)
+            else:
+                sc = q @ _dequant(k, s.k_bits, s.group_size, dtype)  # type: ignore[arg-type]
+            sc = sc[..., s.k_first : s.k_first + s.length]
+        elif s.k_bits is None:
             sc = q @ mx.swapaxes(k, -1, -2)
         else:
             qs = q

@@ -18,6 +18,8 @@ LEVERS = [
     CacheConfig(k_bits=3, v_bits=3, center=True, rotate=True, fp_window=16),
     CacheConfig(k_bits=3, v_bits=2, edge_layers=1, fp_window=8),
     CacheConfig(kind="rotating", window=48, sinks=4, k_bits=4, v_bits=4, keep_fp=4, fp_window=16, center=True),
+    CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),  # the float tail is only the unfinished key group
+    CacheConfig(k_bits=3, v_bits=3, k_per_channel=True, keep_fp=4, fp_window=16, group_size=32),
 ]
 
 
@@ -56,7 +58,7 @@ def test_a_float_window_over_every_token_is_the_float_cache(tiny_models, tokens)
     assert not close(full, plain, atol=1e-2)
 
 
-def test_centering_keeps_quantized_attention_closer_to_full_when_keys_have_offsets(tiny_models, tokens):
+def test_centering_and_per_channel_keys_keep_attention_closer_to_full_when_keys_have_offsets(tiny_models, tokens):
     # Give the keys large per-channel offsets in their slowest-rotating RoPE dims (where
     # SmolLM2's sit: there RoPE hardly moves them): plain 3-bit quantization spends its
     # range on the offsets, centering takes them off first.
@@ -72,15 +74,17 @@ def test_centering_keeps_quantized_attention_closer_to_full_when_keys_have_offse
         attn.k_proj.bias = offset
         full = run(model, [FullKVCache() for _ in range(2)], tokens, steps=3)
         err = {}
-        for center in (False, True):
-            out = run(model, make_caches(model, CacheConfig(k_bits=3, v_bits=3, center=center)), tokens, steps=3)
-            err[center] = sum((mx.linalg.norm(a - b) / mx.linalg.norm(a)).item() for a, b in zip(full, out))
+        for name, cfg in (("plain", CacheConfig(k_bits=3, v_bits=3)), ("centered", CacheConfig(k_bits=3, v_bits=3, center=True)),
+                          ("per-channel", CacheConfig(k_bits=3, v_bits=3, k_per_channel=True))):
+            out = run(model, make_caches(model, cfg), tokens, steps=3)
+            err[name] = sum((mx.linalg.norm(a - b) / mx.linalg.norm(a)).item() for a, b in zip(full, out))
     finally:
         if base is None:
             del attn.k_proj["bias"]
         else:
             attn.k_proj.bias = base
-    assert err[True] < 0.8 * err[False], err  # measured 1.75 vs 2.53
+    assert err["centered"] < 0.8 * err["plain"], err  # measured 1.75 vs 2.53
+    assert err["per-channel"] < 0.8 * err["plain"], err
 
 
 @pytest.mark.parametrize("cfg", LEVERS, ids=lambda c: c.label())
@@ -138,3 +142,20 @@ def test_presets_follow_a_rotating_chat():
     cfg = preset_config("kv4", base)
     assert (cfg.kind, cfg.window, cfg.sinks) == ("rotating", 64, 2)
     assert cfg.keep_fp == 2 and cfg.fp_window == 64 and cfg.k_bits == PRESETS["kv4"].config.k_bits
+
+
+def test_per_channel_keys_code_a_group_once_it_fills_and_trim_back_into_it(tiny_models, tokens):
+    model = tiny_models["llama"].model
+    cfg = CacheConfig(k_bits=4, v_bits=4, k_per_channel=True)
+    caches = make_caches(model, cfg)
+    run(model, caches, tokens[:, :100], chunk=30, steps=0)
+    c = caches[0]
+    assert c._fp_tail[0].shape[2] == 100 - 64  # the unfinished group stays float
+    assert mx.all(c.keys[0][..., 64:100, :] == 0).item()  # not coded yet
+    coded = c.keys[0][..., :64, :]
+    c.trim_to(40)  # back into the coded group: its kept tokens come back from their codes
+    assert c._fp_tail[0].shape[2] == 40
+    want = c.kc.decode(tuple(p[..., :64, :] for p in c.keys), c.dtype)[..., :40, :]
+    assert mx.array_equal(c._fp_tail[0], want).item()
+    model(tokens[:, 100:124], cache=caches)  # 64 again: the group is coded anew
+    assert c._fp_tail is None and not mx.array_equal(c.keys[0][..., :64, :], coded).item()
