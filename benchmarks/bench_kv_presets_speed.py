@@ -26,6 +26,8 @@ import mlx_cache  # noqa: E402,F401  (loads OpenBLAS before MLX binds its BLAS)
 import mlx.core as mx  # noqa: E402
 
 from mlx_cache import CacheConfig, make_caches  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
 from mlx_cache.presets import PRESETS  # noqa: E402
 from models.load import load_model  # noqa: E402
 
@@ -74,9 +76,13 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(args.model)
     rows = []
+    layouts = {name: p.config for name, p in PRESETS.items()}
+    # and each with per-channel keys (KIVI), which attend through a transposed key layout
+    layouts.update({f"{name} + per-channel keys": replace(p.config, k_per_channel=True) for name, p in PRESETS.items()
+                    if not p.config.k_per_channel})
     for n in args.contexts:
-        for name, p in PRESETS.items():
-            rows.append(compare(loaded.model, loaded.kv_shape, name, p.config, n, args.steps, args.rounds))
+        for name, cfg in layouts.items():
+            rows.append(compare(loaded.model, loaded.kv_shape, name, cfg, n, args.steps, args.rounds))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(json.dumps({
         "benchmark": "kv_presets_speed", "model": loaded.name, "machine": platform.machine(),

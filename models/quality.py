@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -54,7 +55,10 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
     "q4 + fp sinks": CacheConfig(k_bits=4, v_bits=4, keep_fp=4),
     "q4 + centered": CacheConfig(k_bits=4, v_bits=4, center=True),
     "q4 + edge layers q8": CacheConfig(k_bits=4, v_bits=4, edge_layers=1),
+    "q4 + per-channel keys": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),
     **{f"preset {name}": p.config for name, p in PRESETS.items()},
+    # the presets with per-channel keys (KIVI) instead of per-token ones: the same bits
+    **{f"preset {name} + per-channel keys": replace(p.config, k_per_channel=True) for name, p in PRESETS.items()},
 }
 
 Progress = Callable[[str], None]
