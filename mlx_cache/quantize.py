@@ -16,6 +16,11 @@ import mlx.core as mx
 
 Planes = tuple[mx.array, ...]
 
+
+def slice_tokens(planes: Planes, start: int, end: int) -> Planes:
+    """Rows [start, end) of every plane (the token axis)."""
+    return tuple(p[..., start:end, :] for p in planes)
+
 #: Set to True (or KVCHAT_DEQUANT_ATTENTION=1) to always attend over dequantized
 #: keys and values, as on backends without a quantized-attention kernel.
 FORCE_DEQUANTIZED_ATTENTION = os.environ.get("KVCHAT_DEQUANT_ATTENTION") == "1"
