@@ -17,10 +17,10 @@ PRESET_NAMES = ("kv4", "kv3")
 DEFAULT_FOR_BITS = {4: "kv4", 3: "kv3"}
 
 #: argparse destinations of the flags added here (a session given one of them takes it as explicit).
-KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_center", "kv_edge_layers", "kv_edge_bits")
+KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_center", "kv_edge_layers", "kv_edge_bits", "kv_per_channel_keys")
 #: Flags that say the user lays out the quantization by hand (then `--kv-bits` is plain).
 _BY_HAND = ("k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate", "kv_fp_window", "kv_center",
-            "kv_edge_layers", "kv_edge_bits")
+            "kv_edge_layers", "kv_edge_bits", "kv_per_channel_keys")
 
 
 def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> None:
@@ -31,6 +31,8 @@ def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> 
                    help="most recent tokens kept unquantized (quantized once they leave)")
     g.add_argument("--kv-center", action="store_true", default=None,
                    help="subtract a fixed per-head mean from keys and values before quantizing")
+    g.add_argument("--kv-per-channel-keys", action="store_true", default=None,
+                   help="quantize keys per channel over groups of tokens (KIVI); full cache only")
     g.add_argument("--kv-edge-layers", type=number("--kv-edge-layers", 0, 4096, integer=True),
                    help="first and last N layers at --kv-edge-bits")
     g.add_argument("--kv-edge-bits", type=number("--kv-edge-bits", 2, 8, integer=True),
@@ -56,6 +58,8 @@ def apply_kv_quality_flags(args: argparse.Namespace, fields: dict[str, Any]) -> 
             out[name] = value
     if getattr(args, "kv_center", None):
         out["center"] = True
+    if getattr(args, "kv_per_channel_keys", None):
+        out["k_per_channel"] = True
     return out
 
 

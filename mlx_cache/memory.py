@@ -232,7 +232,8 @@ def max_window_in_budget(shape: KVShape, config: CacheConfig, budget_bytes: int)
     sinks = config.sinks if config.kind == "rotating" else 0
 
     def fits(window: int) -> bool:
-        sized = replace(config, kind="rotating", window=window, sinks=sinks)
+        sized = replace(config, kind="rotating", window=window, sinks=sinks, fp_window=min(config.fp_window, window),
+                        k_per_channel=False)
         n = window + sinks
         return 2 * predict(shape, sized, n)[1] + turn_scratch(shape, sized, n, n) <= budget_bytes
 

@@ -51,7 +51,8 @@ def preset_config(name: str, base: CacheConfig | None = None) -> CacheConfig:
     p = PRESETS[name].config
     if base is None or base.kind == "full":
         return p
+    # per-channel keys need whole groups, which a window evicts one token at a time: per-token there
     return replace(
         p, kind=base.kind, window=base.window, sinks=base.sinks,
-        keep_fp=min(p.keep_fp, base.sinks), fp_window=min(p.fp_window, base.window),
+        keep_fp=min(p.keep_fp, base.sinks), fp_window=min(p.fp_window, base.window), k_per_channel=False,
     )

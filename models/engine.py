@@ -306,6 +306,12 @@ class Engine:
                 "raise --kv-budget (F9 in the app) or start a new chat (a saved chat is never switched to a "
                 "smaller window to fit, which would replace its saved KV)."
             )
+        if config.k_per_channel:
+            raise BudgetExceeded(
+                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.kv_budget)}, "
+                "and its per-channel keys cannot move into a rotating window: raise --kv-budget or start the "
+                "chat without --kv-per-channel-keys."
+            )
         if self.on_budget == "refuse":
             advice = (
                 "raise --kv-budget, quantize the cache (--kv-bits 4) or use a smaller --window"

@@ -36,6 +36,7 @@ def test_presets_and_lever_flags():
     assert (cfg.kind, cfg.window, cfg.sinks, cfg.keep_fp, cfg.fp_window) == ("rotating", 64, 2, 2, 64)
     cfg = config("--kv-bits", "3", "--kv-fp-window", "32", "--kv-center", "--kv-edge-layers", "1", "--kv-edge-bits", "6")
     assert cfg == CacheConfig(k_bits=3, v_bits=3, fp_window=32, center=True, edge_layers=1, edge_bits=6)
+    assert config("--kv-bits", "4", "--kv-per-channel-keys").k_per_channel
 
 
 def test_bad_combinations_are_one_sentence():
@@ -43,3 +44,5 @@ def test_bad_combinations_are_one_sentence():
         config("--kv-fp-window", "16")  # nothing to keep in floats: the cache is not quantized
     with pytest.raises(UserError, match="rotating window"):
         config("--kv-bits", "4", "--kv-fp-window", "100", "--cache", "rotating", "--window", "50")
+    with pytest.raises(UserError, match="full cache"):
+        config("--kv-bits", "4", "--kv-per-channel-keys", "--cache", "rotating")

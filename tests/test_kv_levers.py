@@ -159,3 +159,23 @@ def test_per_channel_keys_code_a_group_once_it_fills_and_trim_back_into_it(tiny_
     assert mx.array_equal(c._fp_tail[0], want).item()
     model(tokens[:, 100:124], cache=caches)  # 64 again: the group is coded anew
     assert c._fp_tail is None and not mx.array_equal(c.keys[0][..., :64, :], coded).item()
+
+
+def test_a_new_chat_over_budget_moves_to_a_window_with_its_levers_or_is_refused(tiny_models):
+    from models.engine import BudgetExceeded, Engine
+    from models.sample import GREEDY
+
+    lm = tiny_models["llama"]
+    budget = 2000 << 10  # a window of ~200 tokens fits, the 340-token chat does not
+    msgs = [{"role": "user", "content": "word " * 300}]
+    cfg = CacheConfig(k_bits=4, v_bits=4, keep_fp=4, fp_window=32, center=True)
+    engine = Engine(lm, kv_budget=budget, on_budget="rotate")
+    state = engine.new_state(cfg)
+    events = list(engine.generate(state, msgs, GREEDY.with_(max_tokens=40)))
+    assert events[-1].stats.switched_to_rotating and state.config.kind == "rotating"
+    assert state.config.center and state.config.fp_window == min(32, state.config.window)
+    c = state.caches[0]
+    assert c._centers is not None and c._fp_tail[0].shape[2] == state.config.fp_window
+    per_channel = CacheConfig(k_bits=4, v_bits=4, k_per_channel=True)
+    with pytest.raises(BudgetExceeded, match="per-channel keys cannot move"):
+        list(engine.generate(engine.new_state(per_channel), msgs, GREEDY.with_(max_tokens=40)))

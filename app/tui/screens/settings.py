@@ -21,7 +21,8 @@ from ...settings import Settings
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
 #: The quantization fields a preset sets (kind, window and sinks stay the user's).
-_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "center", "edge_layers", "edge_bits")
+_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "center", "edge_layers", "edge_bits",
+                  "k_per_channel")
 
 
 def _preset_of(c: CacheConfig) -> str:
@@ -90,6 +91,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Float window", _input(str(c.fp_window), type="integer", id="fp_window"),
                            "last tokens not yet quantized")
                 yield _row("Center", Checkbox("center", c.center, id="center", compact=True), "subtract a per-head mean")
+                yield _row("Per-channel keys", Checkbox("per channel", c.k_per_channel, id="k_per_channel", compact=True),
+                           "full cache only (KIVI)")
                 yield _row("Edge layers", _input(str(c.edge_layers), type="integer", id="edge_layers"),
                            "first and last N layers at edge bits")
                 yield _row("Edge bits", _select([(f"{b}-bit", str(b)) for b in SUPPORTED_BITS], value=str(c.edge_bits),
@@ -131,6 +134,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
         self.query_one("#edge_bits", Select).value = str(p.edge_bits)
         self.query_one("#rotate", Checkbox).value = p.rotate
         self.query_one("#center", Checkbox).value = p.center
+        self.query_one("#k_per_channel", Checkbox).value = p.k_per_channel
         for wid in ("keep_fp", "fp_window", "edge_layers"):
             self.query_one(f"#{wid}", Input).value = str(getattr(p, wid))
 
@@ -163,6 +167,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 keep_fp=num("keep_fp", int, "Float sinks"),
                 fp_window=num("fp_window", int, "Float window"),
                 center=bool(self.query_one("#center", Checkbox).value),
+                k_per_channel=bool(self.query_one("#k_per_channel", Checkbox).value),
                 edge_layers=num("edge_layers", int, "Edge layers"),
                 edge_bits=int(self._value("edge_bits")),
             )
