@@ -27,7 +27,7 @@ def add_bench_parser(sub: Any) -> None:
             "Reads a text (by default a shipped public-domain novel) through the full cache and every layout "
             f"under test in chunks of {MAX_CHUNK} tokens, in segments of each context length, and scores the "
             "second half of each segment: perplexity, its change against the full cache, mean KL divergence "
-            "from the full cache's next-token distribution and top-1 agreement, with 95%% intervals, and the "
+            "from the full cache's next-token distribution and top-1 agreement, with 95% intervals, and the "
             "effective bits per element of each layout."
         ),
     )
