@@ -56,9 +56,16 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
     "q4 + centered": CacheConfig(k_bits=4, v_bits=4, center=True),
     "q4 + edge layers q8": CacheConfig(k_bits=4, v_bits=4, edge_layers=1),
     "q4 + per-channel keys": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),
-    **{f"preset {name}": p.config for name, p in PRESETS.items()},
-    # the presets with per-channel keys (KIVI) instead of per-token ones: the same bits
-    **{f"preset {name} + per-channel keys": replace(p.config, k_per_channel=True) for name, p in PRESETS.items()},
+    # each preset, then the same with one lever taken out (the same bits)
+    **{
+        row: cfg
+        for name, p in PRESETS.items()
+        for row, cfg in (
+            (f"preset {name}", p.config),
+            (f"{name}, per-token keys", replace(p.config, k_per_channel=False)),
+            (f"{name}, not centered", replace(p.config, center=False)),
+        )
+    },
 }
 
 Progress = Callable[[str], None]
