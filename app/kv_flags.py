@@ -1,4 +1,4 @@
-"""The KV quality flags (`--kv-preset`, the float window, centering, edge-layer bits) and presets in `kvchat info`.
+"""The KV quality flags (`--kv-preset`, the float window, centering, per-channel keys) and presets in `kvchat info`.
 
 `--kv-bits B` alone picks the preset measured best at B bits (see
 :data:`mlx_cache.presets.DEFAULT_FOR_BITS`); any other quantization flag
@@ -17,10 +17,10 @@ PRESET_NAMES = ("kv4", "kv3")
 DEFAULT_FOR_BITS = {4: "kv4", 3: "kv3"}
 
 #: argparse destinations of the flags added here (a session given one of them takes it as explicit).
-KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_center", "kv_edge_layers", "kv_edge_bits", "kv_per_channel_keys")
+KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_center", "kv_per_channel_keys")
 #: Flags that say the user lays out the quantization by hand (then `--kv-bits` is plain).
 _BY_HAND = ("k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate", "kv_fp_window", "kv_center",
-            "kv_edge_layers", "kv_edge_bits", "kv_per_channel_keys")
+            "kv_per_channel_keys")
 
 
 def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> None:
@@ -33,10 +33,6 @@ def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> 
                    help="subtract a fixed per-head mean from keys and values before quantizing")
     g.add_argument("--kv-per-channel-keys", action="store_true", default=None,
                    help="quantize keys per channel over groups of tokens (KIVI); full cache only")
-    g.add_argument("--kv-edge-layers", type=number("--kv-edge-layers", 0, 4096, integer=True),
-                   help="first and last N layers at --kv-edge-bits")
-    g.add_argument("--kv-edge-bits", type=number("--kv-edge-bits", 2, 8, integer=True),
-                   help="bits of the edge layers (default 8)")
 
 
 def apply_kv_quality_flags(args: argparse.Namespace, fields: dict[str, Any]) -> dict[str, Any]:
@@ -52,10 +48,8 @@ def apply_kv_quality_flags(args: argparse.Namespace, fields: dict[str, Any]) -> 
     if preset is not None:
         kind = {k: out[k] for k in ("kind", "window", "sinks") if k in out}
         out.update(preset_config(preset, CacheConfig(**kind) if kind else None).to_dict())
-    for flag, name in (("kv_fp_window", "fp_window"), ("kv_edge_layers", "edge_layers"), ("kv_edge_bits", "edge_bits")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            out[name] = value
+    if getattr(args, "kv_fp_window", None) is not None:
+        out["fp_window"] = args.kv_fp_window
     if getattr(args, "kv_center", None):
         out["center"] = True
     if getattr(args, "kv_per_channel_keys", None):

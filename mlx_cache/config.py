@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from .numbers import MAX_TOKEN_COUNT, check_number
@@ -47,10 +47,6 @@ class CacheConfig:
     # Subtract a fixed per-layer, per-head mean from keys and values before quantizing
     # (taken from the first chunk): small models' keys carry large per-channel offsets.
     center: bool = False
-    # The first and last `edge_layers` layers keep K and V at `edge_bits` (they are the
-    # most sensitive to KV error); the other layers use k_bits / v_bits.
-    edge_layers: int = 0
-    edge_bits: int = 8
     # Quantize keys per channel, each group `group_size` consecutive tokens of one channel
     # (KIVI): a channel's offset costs no range. The newest tokens of an unfinished group
     # stay in floats (a streaming residual) until the group fills.
@@ -79,11 +75,6 @@ class CacheConfig:
             raise CacheConfigError(f"center must be true or false, not {self.center!r}.")
         check_number(self.fp_window, "The float window (fp_window)", 0, MAX_TOKEN_COUNT, integer=True,
                      error=CacheConfigError)
-        check_number(self.edge_layers, "edge_layers", 0, 4096, integer=True, error=CacheConfigError)
-        if not _is_int(self.edge_bits) or self.edge_bits not in SUPPORTED_BITS:
-            raise CacheConfigError(
-                f"The edge layers' bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, not {self.edge_bits!r}."
-            )
         if self.kind not in ("full", "rotating"):
             raise CacheConfigError(f"Unknown cache kind {self.kind!r}: use 'full' or 'rotating'.")
         for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
@@ -101,9 +92,9 @@ class CacheConfig:
                 "In a rotating cache only sink tokens can stay unquantized: "
                 "set keep_fp to at most the number of sinks."
             )
-        if not self.quantized and (self.fp_window or self.center or self.edge_layers):
+        if not self.quantized and (self.fp_window or self.center or self.k_per_channel):
             raise CacheConfigError(
-                "A float window, centering and edge-layer bits only apply to a quantized cache: set --kv-bits."
+                "A float window, centering and per-channel keys only apply to a quantized cache: set --kv-bits."
             )
         if self.k_per_channel:
             if self.k_bits is None:
@@ -146,14 +137,6 @@ class CacheConfig:
             n = max(n, tokens % self.group_size)
         return min(n, tokens)
 
-    def for_layer(self, layer: int, n_layers: int) -> "CacheConfig":
-        """The config of layer `layer` of `n_layers`: edge layers get `edge_bits`, the rest are as given."""
-        if not self.edge_layers:
-            return self
-        if layer < self.edge_layers or layer >= n_layers - self.edge_layers:
-            return replace(self, k_bits=self.edge_bits, v_bits=self.edge_bits, edge_layers=0)
-        return replace(self, edge_layers=0)
-
     @property
     def capacity(self) -> int | None:
         """Most tokens the cache ever holds, or None when it grows without bound."""
@@ -186,8 +169,6 @@ class CacheConfig:
                 parts.append("centered")
             if self.k_per_channel:
                 parts.append("k-per-channel")
-            if self.edge_layers:
-                parts.append(f"edges{self.edge_layers}:q{self.edge_bits}")
             if self.group_size != 64:
                 parts.append(f"g{self.group_size}")
         return " ".join(parts)

@@ -158,10 +158,9 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
     """
     n_layers = len(model.layers)
     if not hasattr(model, "make_cache"):
-        return [make_layer_cache(config.for_layer(i, n_layers)) for i in range(n_layers)]
+        return [make_layer_cache(config) for _ in range(n_layers)]
     caches = []
-    for i, own in enumerate(model.make_cache()):
-        layer_config = config.for_layer(i, n_layers)
+    for own in model.make_cache():
         max_size = getattr(own, "max_size", None)
         if max_size is not None:  # the model's own sliding-window layer
             keep = getattr(own, "keep", 0)
@@ -174,8 +173,8 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
                         kind="rotating",
                         window=window,
                         sinks=keep,
-                        k_bits=layer_config.k_bits,
-                        v_bits=layer_config.v_bits,
+                        k_bits=config.k_bits,
+                        v_bits=config.v_bits,
                         group_size=config.group_size,
                         keep_fp=min(config.keep_fp, keep),
                         rotate=config.rotate,
@@ -185,7 +184,7 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
                 )
             )
         elif type(own).__name__ in ("KVCache", "QuantizedKVCache"):
-            caches.append(make_layer_cache(layer_config))
+            caches.append(make_layer_cache(config))
         else:
             caches.append(own)
     return caches

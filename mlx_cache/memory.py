@@ -62,13 +62,10 @@ def measure(caches: Iterable[Any]) -> CacheUsage:
 
 
 def bytes_per_token(shape: KVShape, config: CacheConfig) -> int:
-    """Bytes one token of context takes across all layers (keys and values), edge layers included."""
-    total = 0
-    for layer in range(shape.n_layers):
-        c = config.for_layer(layer, shape.n_layers)
-        for bits in (c.k_bits, c.v_bits):
-            total += Codec(bits, c.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
-    return total
+    """Bytes one token of context takes across all layers (keys and values)."""
+    k = Codec(config.k_bits, config.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
+    v = Codec(config.v_bits, config.group_size).bytes_per_token(shape.n_kv_heads, shape.head_dim, shape.dtype)
+    return shape.n_layers * (k + v)
 
 
 def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits: int = 16) -> float:
@@ -76,24 +73,22 @@ def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits:
 
     Codes, scales and biases, the float copies of sinks (``keep_fp``) and of the
     recent window (``fp_window``), and the centering vectors, over every layer
-    (edge layers at their own bits). Float data counts `float_bits` each: 16 is
+    Float data counts `float_bits` each: 16 is
     what a cache holds on Metal and CUDA (on the CPU kvchat computes in float32,
     which doubles the float parts but changes nothing else).
     """
     held = min(tokens, config.capacity) if config.capacity else tokens
     if held <= 0:
         return 0.0
-    d = shape.head_dim
+    d, c = shape.head_dim, config
     total = 0
-    for layer in range(shape.n_layers):
-        c = config.for_layer(layer, shape.n_layers)
-        for bits in (c.k_bits, c.v_bits):
-            per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
-            total += held * per_head
-        if c.quantized:
-            extra = min(c.keep_fp, held) + c.float_tail(held) + (1 if c.center else 0)
-            total += extra * 2 * d * float_bits
-    return total / (held * shape.n_layers * 2 * d)
+    for bits in (c.k_bits, c.v_bits):
+        per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
+        total += held * per_head
+    if c.quantized:
+        extra = min(c.keep_fp, held) + c.float_tail(held) + (1 if c.center else 0)
+        total += extra * 2 * d * float_bits
+    return total / (held * 2 * d)
 
 
 def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]:

@@ -54,7 +54,6 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
     "q4": CacheConfig(k_bits=4, v_bits=4),
     "q4 + fp sinks": CacheConfig(k_bits=4, v_bits=4, keep_fp=4),
     "q4 + centered": CacheConfig(k_bits=4, v_bits=4, center=True),
-    "q4 + edge layers q8": CacheConfig(k_bits=4, v_bits=4, edge_layers=1),
     "q4 + per-channel keys": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),
     # each preset, then the same with one lever taken out (the same bits)
     **{
@@ -62,8 +61,8 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
         for name, p in PRESETS.items()
         for row, cfg in (
             (f"preset {name}", p.config),
-            (f"{name}, per-token keys", replace(p.config, k_per_channel=False)),
-            (f"{name}, not centered", replace(p.config, center=False)),
+            (f"{name} with per-token keys", replace(p.config, k_per_channel=False)),
+            (f"{name} not centered", replace(p.config, center=False)),
         )
     },
 }

@@ -34,8 +34,8 @@ def test_presets_and_lever_flags():
     assert config("--kv-preset", "kv3") == presets.PRESETS["kv3"].config
     cfg = config("--kv-preset", "kv4", "--cache", "rotating", "--window", "64", "--sinks", "2")
     assert (cfg.kind, cfg.window, cfg.sinks, cfg.keep_fp, cfg.fp_window) == ("rotating", 64, 2, 2, 64)
-    cfg = config("--kv-bits", "3", "--kv-fp-window", "32", "--kv-center", "--kv-edge-layers", "1", "--kv-edge-bits", "6")
-    assert cfg == CacheConfig(k_bits=3, v_bits=3, fp_window=32, center=True, edge_layers=1, edge_bits=6)
+    cfg = config("--kv-bits", "3", "--kv-fp-window", "32", "--kv-center")
+    assert cfg == CacheConfig(k_bits=3, v_bits=3, fp_window=32, center=True)
     assert config("--kv-bits", "4", "--kv-per-channel-keys").k_per_channel
 
 

@@ -1,4 +1,4 @@
-"""The low-bit KV levers: float sinks and window, centering, edge-layer bits; segmented attention, bits, bytes."""
+"""The low-bit KV levers: float sinks and window, centering, per-channel keys; segmented attention, bits, bytes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ LEVERS = [
     CacheConfig(k_bits=4, v_bits=4, keep_fp=4, fp_window=24),
     CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=24, center=True),
     CacheConfig(k_bits=3, v_bits=3, center=True, rotate=True, fp_window=16),
-    CacheConfig(k_bits=3, v_bits=2, edge_layers=1, fp_window=8),
+    CacheConfig(k_bits=3, v_bits=2, fp_window=8),
     CacheConfig(kind="rotating", window=48, sinks=4, k_bits=4, v_bits=4, keep_fp=4, fp_window=16, center=True),
     CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),  # the float tail is only the unfinished key group
     CacheConfig(k_bits=3, v_bits=3, k_per_channel=True, keep_fp=4, fp_window=16, group_size=32),
@@ -100,15 +100,14 @@ def test_predicted_bytes_and_effective_bits_match_the_caches(tiny_models, tokens
     assert bits32 * elements / 8 == pytest.approx(usage.bytes_used)
 
 
-def test_effective_bits_count_scales_floats_and_edge_layers():
+def test_effective_bits_count_scales_and_floats():
     from mlx_cache.memory import KVShape
 
     shape = KVShape(n_layers=30, n_kv_heads=3, head_dim=64, dtype_size=2)
     assert effective_bits(shape, CacheConfig(), 4096) == 16
     assert effective_bits(shape, CacheConfig(k_bits=4, v_bits=4), 4096) == 4.5  # 4 + 2 x 16 / 64
     assert effective_bits(shape, CacheConfig(k_bits=4, v_bits=4, keep_fp=4, fp_window=60), 4096) == 4.5 + 64 * 16 / 4096
-    edges = effective_bits(shape, CacheConfig(k_bits=4, v_bits=4, edge_layers=1), 4096)
-    assert edges == pytest.approx((28 * 4.5 + 2 * 8.5) / 30)
+    assert effective_bits(shape, CacheConfig(k_bits=4, v_bits=3, center=True), 4096) == 4.0 + 16 / 4096
     for p in PRESETS.values():
         assert effective_bits(shape, p.config, 4096) == pytest.approx(p.bits, abs=0.005)
 
@@ -127,14 +126,6 @@ def test_trimming_keeps_the_window_float_where_it_can(tiny_models, tokens):
     assert mx.array_equal(c._fp_tail[0][..., :10, :], decoded).item()
     c.trim_to(0)
     assert c._centers is None and c.offset == 0
-
-
-def test_edge_layers_get_their_bits(tiny_models):
-    model = tiny_models["llama"].model
-    caches = make_caches(model, CacheConfig(k_bits=3, v_bits=3, edge_layers=1, edge_bits=8))
-    assert [c.config.k_bits for c in caches] == [8, 8]  # two layers: both are edges
-    cfg = CacheConfig(k_bits=3, v_bits=3, edge_layers=1)
-    assert [cfg.for_layer(i, 4).k_bits for i in range(4)] == [8, 3, 3, 8]
 
 
 def test_presets_follow_a_rotating_chat():

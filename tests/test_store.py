@@ -45,9 +45,9 @@ CONFIGS = {
     "rotating-q8-float-head": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=8, v_bits=8, keep_fp=4),
     "rotated-q4": CacheConfig(k_bits=4, v_bits=4, rotate=True),
     "rotating-rotated-q3": CacheConfig(kind="rotating", window=32, sinks=4, k_bits=3, v_bits=3, rotate=True),
-    # the quality levers: float sinks and window, centering, edge-layer bits (saved beside the blocks)
+    # the quality levers: float sinks and window, centering, per-channel keys (saved beside the blocks)
     "k4v3-window-centered": CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=24, center=True),
-    "q3-edges": CacheConfig(k_bits=3, v_bits=3, edge_layers=1, fp_window=8),
+    "q3-window": CacheConfig(k_bits=3, v_bits=3, fp_window=8),
     "q4-keys-per-channel": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True, keep_fp=4, fp_window=8),
     "rotating-q4-window-centered": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=4, v_bits=4, keep_fp=4,
                                                fp_window=16, center=True),

@@ -21,8 +21,7 @@ from ...settings import Settings
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
 #: The quantization fields a preset sets (kind, window and sinks stay the user's).
-_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "center", "edge_layers", "edge_bits",
-                  "k_per_channel")
+_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "center", "k_per_channel")
 
 
 def _preset_of(c: CacheConfig) -> str:
@@ -93,10 +92,6 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Center", Checkbox("center", c.center, id="center", compact=True), "subtract a per-head mean")
                 yield _row("Per-channel keys", Checkbox("per channel", c.k_per_channel, id="k_per_channel", compact=True),
                            "full cache only (KIVI)")
-                yield _row("Edge layers", _input(str(c.edge_layers), type="integer", id="edge_layers"),
-                           "first and last N layers at edge bits")
-                yield _row("Edge bits", _select([(f"{b}-bit", str(b)) for b in SUPPORTED_BITS], value=str(c.edge_bits),
-                                               id="edge_bits"))
                 yield _row("KV budget", _input(s.kv_budget or "", placeholder="what the device can spare",
                                                id="kv_budget"), "such as 2GB")
                 yield _row("Over budget", _select([("switch to a window", "rotate"), ("refuse the turn", "refuse")],
@@ -131,11 +126,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
         for wid in ("k_bits", "v_bits"):
             self.query_one(f"#{wid}", Select).value = str(getattr(p, wid)) if getattr(p, wid) else _FP
         self.query_one("#group_size", Select).value = str(p.group_size)
-        self.query_one("#edge_bits", Select).value = str(p.edge_bits)
         self.query_one("#rotate", Checkbox).value = p.rotate
         self.query_one("#center", Checkbox).value = p.center
         self.query_one("#k_per_channel", Checkbox).value = p.k_per_channel
-        for wid in ("keep_fp", "fp_window", "edge_layers"):
+        for wid in ("keep_fp", "fp_window"):
             self.query_one(f"#{wid}", Input).value = str(getattr(p, wid))
 
     def _value(self, wid: str) -> Any:
@@ -168,8 +162,6 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 fp_window=num("fp_window", int, "Float window"),
                 center=bool(self.query_one("#center", Checkbox).value),
                 k_per_channel=bool(self.query_one("#k_per_channel", Checkbox).value),
-                edge_layers=num("edge_layers", int, "Edge layers"),
-                edge_bits=int(self._value("edge_bits")),
             )
         except CacheConfigError as e:
             raise ValueError(str(e)) from None
