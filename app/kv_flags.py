@@ -1,4 +1,4 @@
-"""The KV quality flags (`--kv-preset`, the float window, centering, per-channel keys) and presets in `kvchat info`.
+"""The KV quality flags (`--kv-preset`, the float window, per-channel keys) and presets in `kvchat info`.
 
 `--kv-bits B` alone picks the preset measured best at B bits (see
 :data:`mlx_cache.presets.DEFAULT_FOR_BITS`); any other quantization flag
@@ -17,9 +17,9 @@ PRESET_NAMES = ("kv4", "kv3")
 DEFAULT_FOR_BITS = {4: "kv4", 3: "kv3"}
 
 #: argparse destinations of the flags added here (a session given one of them takes it as explicit).
-KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_center", "kv_per_channel_keys")
+KV_QUALITY_FLAGS = ("kv_preset", "kv_fp_window", "kv_per_channel_keys")
 #: Flags that say the user lays out the quantization by hand (then `--kv-bits` is plain).
-_BY_HAND = ("k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate", "kv_fp_window", "kv_center",
+_BY_HAND = ("k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate", "kv_fp_window",
             "kv_per_channel_keys")
 
 
@@ -29,8 +29,6 @@ def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> 
                    help="a measured low-bit layout: kv4 (~4.4 bits) or kv3 (~3.4 bits); see `kvchat info`")
     g.add_argument("--kv-fp-window", type=number("--kv-fp-window", 0, max_tokens, integer=True),
                    help="most recent tokens kept unquantized (quantized once they leave)")
-    g.add_argument("--kv-center", action="store_true", default=None,
-                   help="subtract a fixed per-head mean from keys and values before quantizing")
     g.add_argument("--kv-per-channel-keys", action="store_true", default=None,
                    help="quantize keys per channel over groups of tokens (KIVI); full cache only")
 
@@ -50,8 +48,6 @@ def apply_kv_quality_flags(args: argparse.Namespace, fields: dict[str, Any]) -> 
         out.update(preset_config(preset, CacheConfig(**kind) if kind else None).to_dict())
     if getattr(args, "kv_fp_window", None) is not None:
         out["fp_window"] = args.kv_fp_window
-    if getattr(args, "kv_center", None):
-        out["center"] = True
     if getattr(args, "kv_per_channel_keys", None):
         out["k_per_channel"] = True
     return out

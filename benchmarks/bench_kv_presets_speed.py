@@ -5,7 +5,7 @@
 Every cache under test is filled with the same keys and values, random
 normal in the model's KV shape (decode speed does not depend on their
 values; a real 8K prefill would take this CPU many minutes), fed through its
-own update path in 512-token pieces so the float sinks, window and centers
+own update path in 512-token pieces so the float sinks and window
 are what a chat's would be. Then each preset and plain q4 decode in
 alternating rounds in the same process, and the JSON reports the median of
 the per-round speed ratios (preset / q4). Goal: within 10% (ratio >= 0.90).

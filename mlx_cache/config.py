@@ -44,9 +44,6 @@ class CacheConfig:
     # The most recent tokens kept unquantized: a token is quantized only once it
     # leaves this window (KIVI's residual), so the tokens a reply leans on most stay exact.
     fp_window: int = 0
-    # Subtract a fixed per-layer, per-head mean from keys and values before quantizing
-    # (taken from the first chunk): small models' keys carry large per-channel offsets.
-    center: bool = False
     # Quantize keys per channel, each group `group_size` consecutive tokens of one channel
     # (KIVI): a channel's offset costs no range. The newest tokens of an unfinished group
     # stay in floats (a streaming residual) until the group fills.
@@ -71,8 +68,6 @@ class CacheConfig:
             raise CacheConfigError(f"rotate must be true or false, not {self.rotate!r}.")
         if not isinstance(self.k_per_channel, bool):
             raise CacheConfigError(f"k_per_channel must be true or false, not {self.k_per_channel!r}.")
-        if not isinstance(self.center, bool):
-            raise CacheConfigError(f"center must be true or false, not {self.center!r}.")
         check_number(self.fp_window, "The float window (fp_window)", 0, MAX_TOKEN_COUNT, integer=True,
                      error=CacheConfigError)
         if self.kind not in ("full", "rotating"):
@@ -92,9 +87,9 @@ class CacheConfig:
                 "In a rotating cache only sink tokens can stay unquantized: "
                 "set keep_fp to at most the number of sinks."
             )
-        if not self.quantized and (self.fp_window or self.center or self.k_per_channel):
+        if not self.quantized and (self.fp_window or self.k_per_channel):
             raise CacheConfigError(
-                "A float window, centering and per-channel keys only apply to a quantized cache: set --kv-bits."
+                "A float window and per-channel keys only apply to a quantized cache: set --kv-bits."
             )
         if self.k_per_channel:
             if self.k_bits is None:
@@ -125,8 +120,8 @@ class CacheConfig:
 
     @property
     def segmented(self) -> bool:
-        """Whether some held tokens stay in floats or the body is centered (attention then takes segments)."""
-        return self.quantized and bool(self.keep_fp or self.fp_window or self.center or self.k_per_channel)
+        """Whether some held tokens stay in floats or keys are per channel (attention then takes segments)."""
+        return self.quantized and bool(self.keep_fp or self.fp_window or self.k_per_channel)
 
     def float_tail(self, tokens: int) -> int:
         """Tokens held in floats at the end after `tokens` of context: the window, or an unfinished key group."""
@@ -165,8 +160,6 @@ class CacheConfig:
                 parts.append("rot")
             if self.keep_fp or self.fp_window:
                 parts.append(f"fp{self.keep_fp}+{self.fp_window}")
-            if self.center:
-                parts.append("centered")
             if self.k_per_channel:
                 parts.append("k-per-channel")
             if self.group_size != 64:

@@ -1,17 +1,13 @@
-"""The float parts of a quantized cache: sinks, the recent window, centers, and how attention sees them.
+"""The float parts of a quantized cache: sinks and the recent window, and how attention sees them.
 
 A quantized cache may keep float copies of its first ``keep_fp`` tokens (the
 attention sinks) and of its newest ``fp_window`` tokens (a token is
 quantized for good only once it leaves the window; with per-channel keys the
-unfinished key group stays float too), and may center keys and values on
-fixed per-layer, per-head vectors before quantizing. :class:`FloatParts`
-holds that state for :class:`~mlx_cache.kv_base._BaseKV`: it keeps the
-copies up to date, hands attention the segments (see :mod:`mlx_cache.mixed`)
-or the dequantized tensors with the copies laid over them, rebuilds copies
-after a trim or a load, and gives the session store what it must save.
-
-Float copies are kept in the cache's own coordinates (centered when
-centering), like the codes.
+unfinished key group stays float too). :class:`FloatParts` holds that state
+for :class:`~mlx_cache.kv_base._BaseKV`: it keeps the copies up to date,
+hands attention the segments (see :mod:`mlx_cache.mixed`) or the dequantized
+tensors with the copies laid over them, rebuilds copies after a trim or a
+load, and gives the session store what it must save.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from .quantize import Codec, Planes, RotatedPlanes, slice_tokens as _slice_token
 
 
 class FloatParts:
-    """Float sinks, float window and centers of a quantized cache (a mixin of the cache kinds)."""
+    """Float sinks and float window of a quantized cache (a mixin of the cache kinds)."""
 
     config: CacheConfig
     kc: Codec
@@ -37,7 +33,6 @@ class FloatParts:
     dtype: mx.Dtype | None
     _fp_head: tuple[mx.array, mx.array] | None
     _fp_tail: tuple[mx.array, mx.array] | None
-    _centers: tuple[mx.array, mx.array] | None
     _mixed: bool
     _qattn: bool
 
@@ -48,20 +43,8 @@ class FloatParts:
     def temporal_planes(self) -> tuple[Planes, Planes] | None:
         raise NotImplementedError
 
-    def _centered(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Keys and values in the cache's own coordinates: minus the centers when centering.
-
-        Every float copy the cache keeps (sinks, window) is centered like the
-        codes, so attention needs no correction for keys (a shift shared by
-        all keys of a query leaves softmax unchanged) and one addition of the
-        value center to its output (the weights sum to 1).
-        """
-        if self._centers is None or not self.config.center:
-            return keys, values
-        return keys - self._centers[0], values - self._centers[1]
-
     def _decode(self, k: Planes, v: Planes) -> tuple[mx.array, mx.array]:
-        """Stored planes back to keys and values in the cache's coordinates (see :meth:`_centered`)."""
+        """Stored planes back to keys and values (up to quantization)."""
         return self.kc.decode(k, self.dtype), self.vc.decode(v, self.dtype)
 
     def _remember_fp_tail(self, keys: mx.array, values: mx.array) -> None:
@@ -70,7 +53,6 @@ class FloatParts:
         if not n:
             self._fp_tail = None
             return
-        keys, values = self._centered(keys, values)
         if self._fp_tail is None or keys.shape[2] >= n:
             self._fp_tail = (keys[..., -n:, :], values[..., -n:, :])
             return
@@ -85,7 +67,6 @@ class FloatParts:
         keep = self.config.keep_fp if self.config.quantized else 0
         if start >= keep:
             return
-        keys, values = self._centered(keys, values)
         n = min(keep - start, keys.shape[2])
         k, v = keys[..., :n, :], values[..., :n, :]
         if self._fp_head is None or start == 0:
@@ -113,30 +94,30 @@ class FloatParts:
         rows = k[0].shape[2]
         head = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], rows)
         tail = 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], rows - head)
-        centers = self._centers if self.config.center else None
         if self._mixed:
             pos = mx.arange(rows) if positions is None else positions
             c = self.config
             end = rows - tail
-            if self.kc.per_channel:
-                # whole key groups (the tail holds at least the unfinished one); scores are cut to [head, end)
-                g = c.group_size
-                body_k = self.kc.channel_layout(tuple(p[..., : -(-end // g) * g, :] for p in k))
-            else:
-                body_k = tuple(p[..., head:end, :] for p in k)
-            segments = [Segment(
-                body_k, tuple(p[..., head:end, :] for p in v), pos[head:end], k_bits=c.k_bits, v_bits=c.v_bits,
-                group_size=c.group_size, rotated=c.rotate, k_per_channel=self.kc.per_channel,
-                k_first=head if self.kc.per_channel else 0,
-            )]
+            segments = []
+            if end > head:  # else every held token is in a float copy
+                if self.kc.per_channel:
+                    # whole key groups (the tail holds at least the unfinished one); scores are cut to [head, end)
+                    g = c.group_size
+                    body_k = self.kc.channel_layout(tuple(p[..., : -(-end // g) * g, :] for p in k))
+                else:
+                    body_k = tuple(p[..., head:end, :] for p in k)
+                segments.append(Segment(
+                    body_k, tuple(p[..., head:end, :] for p in v), pos[head:end], k_bits=c.k_bits, v_bits=c.v_bits,
+                    group_size=c.group_size, rotated=c.rotate, k_per_channel=self.kc.per_channel,
+                    k_first=head if self.kc.per_channel else 0,
+                ))
             if head or tail:
                 # the sinks and the recent window in one float segment: fewer kernels per step
                 fk, fv = self._float_rows(head, tail)
                 segments.append(Segment(fk, fv, mx.concatenate([pos[:head], pos[rows - tail :]]) if head and tail
                                         else (pos[:head] if head else pos[rows - tail :])))
             # the newest row is the newest token: its position is offset - 1
-            mixed = MixedKV.of(segments, mx.arange(self.offset - queries, self.offset), *self._mask_window(),
-                               v_mean=None if centers is None else centers[1])
+            mixed = MixedKV.of(segments, mx.arange(self.offset - queries, self.offset), *self._mask_window())
             return mixed, mixed
         keys, values = self._decode(k, v)
         if head:
@@ -146,8 +127,6 @@ class FloatParts:
             ft = self._fp_tail
             keys = mx.concatenate([keys[..., : rows - tail, :], ft[0][..., -tail:, :]], axis=2)  # type: ignore[index]
             values = mx.concatenate([values[..., : rows - tail, :], ft[1][..., -tail:, :]], axis=2)  # type: ignore[index]
-        if centers is not None:
-            values = values + centers[1]  # keys may stay shifted: softmax does not see a shared shift
         return keys, values
 
     def _float_rows(self, head: int, tail: int) -> tuple[mx.array, mx.array]:
@@ -185,7 +164,7 @@ class FloatParts:
     def float_kv(self) -> tuple[mx.array, mx.array] | None:
         """The held keys and values in float, as the model made them (up to quantization), in position order.
 
-        Float copies (sinks, window) are used where kept, centers added back:
+        Float copies (sinks, window) are used where kept:
         what another program needs to continue from this cache (the mlx-lm export).
         """
         planes = self.temporal_planes()
@@ -197,8 +176,6 @@ class FloatParts:
             keys, values = self._present(*planes)
         finally:
             self._mixed, self._qattn = modes
-        if self._centers is not None and self.config.center:
-            keys = keys + self._centers[0]
         return keys, values
 
     def _decode_rows(self, start: int, end: int, keys: Planes | None = None, values: Planes | None = None
@@ -223,7 +200,7 @@ class FloatParts:
 
     def extras(self) -> dict[str, tuple[mx.array, mx.array]]:
         """The float state besides the planes and the head: ``"tail"`` (the
-        ``fp_window`` copies, cut to the tokens held) and ``"centers"``. The
+        ``fp_window`` copies, cut to the tokens held). The
         session store saves it whole with each save (it changes every turn)."""
         out: dict[str, tuple[mx.array, mx.array]] = {}
         if not self.config.quantized or not self.tokens:
@@ -231,17 +208,12 @@ class FloatParts:
         if self._fp_tail is not None:
             n = min(self._fp_tail[0].shape[2], self.tokens)
             out["tail"] = (self._fp_tail[0][..., -n:, :], self._fp_tail[1][..., -n:, :])
-        if self._centers is not None and self.config.center:
-            out["centers"] = self._centers
         return out
 
     def _restore_extras(self, keys: Planes, values: Planes, extras: dict[str, tuple[mx.array, mx.array]] | None) -> None:
-        """Float tail and centers after a load: the saved ones, or rebuilt from the planes."""
+        """The float tail after a load: the saved one, or rebuilt from the planes."""
         extras = extras or {}
         c = self.config
-        if c.center and c.quantized:
-            # Without saved centers the codes cannot be read back: the store always saves them.
-            self._centers = extras.get("centers")
         n = c.float_tail(self.offset)
         if n:
             if "tail" in extras:

@@ -78,7 +78,7 @@ class FullKVCache(_BaseKV):
         first, last = prev - prev % g, self.offset - self.offset % g
         if last <= first:
             return
-        new = self._centered(keys, keys)[0]
+        new = keys
         recent = new if self._fp_tail is None else mx.concatenate([self._fp_tail[0], new], axis=2)
         start = self.offset - recent.shape[2]  # position of recent's first row; <= first (tail >= unfinished group)
         codes = self.kc.encode_groups(recent[..., first - start : last - start, :])
@@ -109,8 +109,6 @@ class FullKVCache(_BaseKV):
         old = self.offset
         self.offset = position
         self._trim_tail(old)
-        if position == 0:
-            self._centers = None  # the next first chunk sets them again
 
     def temporal_planes(self) -> tuple[Planes, Planes] | None:
         if self.keys is None or self.offset == 0:
@@ -179,7 +177,6 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
                         keep_fp=min(config.keep_fp, keep),
                         rotate=config.rotate,
                         fp_window=min(config.fp_window, window),
-                        center=config.center,
                     )
                 )
             )

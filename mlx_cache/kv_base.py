@@ -50,7 +50,7 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes the checkpoint's copies of the buffers hold."""
         total = 0
-        for key in ("keys", "values", "fp_head", "fp_tail", "centers"):
+        for key in ("keys", "values", "fp_head", "fp_tail"):
             total += sum(p.nbytes for p in self.state.get(key) or ())
         return total
 
@@ -69,7 +69,7 @@ def _copy(planes: Planes | None) -> Planes | None:
 
 
 class _BaseKV(FloatParts):
-    """Shared codec, attention-mode and accounting logic (float sinks, window and centers: FloatParts)."""
+    """Shared codec, attention-mode and accounting logic (float sinks and window: FloatParts)."""
 
     step = 256  # tokens added per growth; matches mlx-lm so results are comparable
 
@@ -87,8 +87,6 @@ class _BaseKV(FloatParts):
         self._fp_head: tuple[mx.array, mx.array] | None = None
         # fp copies of the last `fp_window` tokens held (quantized caches only)
         self._fp_tail: tuple[mx.array, mx.array] | None = None
-        # (key mean, value mean), each (B, n_kv_heads, 1, head_dim): what centering subtracts
-        self._centers: tuple[mx.array, mx.array] | None = None
         self._qattn = False
         self._mixed = False  # attention takes MixedKV segments (see mlx_cache.mixed)
 
@@ -127,16 +125,6 @@ class _BaseKV(FloatParts):
     def _encode(self, keys: mx.array, values: mx.array) -> tuple[Planes, Planes]:
         if self.keys is None and self.dtype is None:
             self._setup(keys, values)
-        if self.config.center and self.config.quantized:
-            if self._centers is None:
-                # Fixed from the first chunk, leaving out the float sinks (the sink token's
-                # key is far from the others and would pull the mean).
-                skip = min(self.config.keep_fp, keys.shape[2] - 1)
-                self._centers = (
-                    keys[..., skip:, :].mean(axis=2, keepdims=True),
-                    values[..., skip:, :].mean(axis=2, keepdims=True),
-                )
-        keys, values = self._centered(keys, values)
         if self.kc.per_channel:
             # Per-channel key groups are coded once whole (see FullKVCache._seal); until
             # then their rows hold zeros and attention reads those tokens from the float tail.
@@ -159,12 +147,11 @@ class _BaseKV(FloatParts):
         )
 
     def _fp_head_bytes(self) -> int:
-        """Bytes of the float copies (head, tail) and centers, cut to the tokens held."""
+        """Bytes of the float copies (head, tail), cut to the tokens held."""
         if self.dtype is None:
             return 0
         n = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], self.tokens)
         n += 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], self.tokens)
-        n += 1 if self._centers is not None else 0
         return n * 2 * self.n_kv_heads * self.head_dim * self.dtype.size
 
     @property
@@ -179,7 +166,7 @@ class _BaseKV(FloatParts):
         for planes in (self.keys, self.values):
             if planes is not None:
                 total += sum(p.nbytes for p in planes)
-        for extra in (self._fp_head, self._fp_tail, self._centers):
+        for extra in (self._fp_head, self._fp_tail):
             if extra is not None:
                 total += extra[0].nbytes + extra[1].nbytes
         return total
@@ -211,7 +198,7 @@ class _BaseKV(FloatParts):
     # -- checkpoints ----------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {"keys": _copy(self.keys), "values": _copy(self.values), "fp_head": self._fp_head,
-                "fp_tail": self._fp_tail, "centers": self._centers}
+                "fp_tail": self._fp_tail}
 
     def checkpoint(self) -> Checkpoint:
         """Snapshot the current state (buffers are copied on the next write, not now)."""
@@ -222,12 +209,11 @@ class _BaseKV(FloatParts):
         self.keys, self.values = _copy(s["keys"]), _copy(s["values"])
         self._fp_head = s["fp_head"]
         self._fp_tail = s.get("fp_tail")
-        self._centers = s.get("centers")
         self.offset = checkpoint.offset
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self._fp_head = self._fp_tail = self._centers = None
+        self._fp_head = self._fp_tail = None
         self.offset = 0
 
     # -- storage access for the session store --------------------------------

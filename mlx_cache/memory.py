@@ -72,7 +72,7 @@ def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits:
     """Bits per stored K/V element at `tokens` of context, counting everything the cache keeps.
 
     Codes, scales and biases, the float copies of sinks (``keep_fp``) and of the
-    recent window (``fp_window``), and the centering vectors, over every layer
+    recent window (``fp_window``, or an unfinished group of per-channel keys), over every layer
     Float data counts `float_bits` each: 16 is
     what a cache holds on Metal and CUDA (on the CPU kvchat computes in float32,
     which doubles the float parts but changes nothing else).
@@ -86,7 +86,7 @@ def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits:
         per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
         total += held * per_head
     if c.quantized:
-        extra = min(c.keep_fp, held) + c.float_tail(held) + (1 if c.center else 0)
+        extra = min(c.keep_fp, held) + c.float_tail(held)
         total += extra * 2 * d * float_bits
     return total / (held * 2 * d)
 
@@ -101,8 +101,8 @@ def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]
     per = bytes_per_token(shape, config)
     fp_head = 0
     if config.quantized:
-        # float copies of the sinks and of the recent window, and the centering vectors
-        fp_tokens = min(config.keep_fp, held) + config.float_tail(held) + (1 if config.center and held else 0)
+        # float copies of the sinks and of the recent window
+        fp_tokens = min(config.keep_fp, held) + config.float_tail(held)
         fp_head = fp_tokens * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size * shape.n_layers
     used = held * per + fp_head
     step = 256
@@ -140,7 +140,7 @@ def max_window(shape: KVShape, config: CacheConfig, budget_bytes: int, checkpoin
 #: softmax share buffers where MLX can donate them); 2 leaves room for backends
 #: that donate less.
 SCORE_COPIES = 2
-#: The same for a cache attending in segments (float sinks or window, centering;
+#: The same for a cache attending in segments (float sinks or window, per-channel keys;
 #: see mlx_cache.mixed): each segment's scores, the masked ones, their
 #: concatenation and the softmax (measured ~3.3 copies on the CPU).
 SEGMENTED_SCORE_COPIES = 4

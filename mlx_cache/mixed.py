@@ -1,7 +1,7 @@
 """Attention over a cache held in parts: float sinks, a quantized body, a float recent window.
 
 A quantized cache with the quality levers of :class:`~mlx_cache.config.CacheConfig`
-(``keep_fp`` sinks, an ``fp_window`` of recent tokens, ``center``) hands
+(``keep_fp`` sinks, an ``fp_window`` of recent tokens, per-channel keys) hands
 attention a :class:`MixedKV` instead of one tensor: a list of segments, each
 float or quantized, with the positions of its keys. :func:`mixed_attention`
 scores every segment with the kernel that fits it (a float matmul, or MLX's
@@ -9,11 +9,6 @@ scores every segment with the kernel that fits it (a float matmul, or MLX's
 all of them, and sums the segments' outputs. Nothing is dequantized while
 decoding, so a step costs what plain quantized attention costs plus the few
 float tokens.
-
-Centering: every segment holds ``k - mu_k`` and ``v - mu_v`` with fixed
-per-layer, per-head vectors. The scores of a query all shift by the same
-``q . mu_k``, which softmax ignores, and the output gets ``mu_v`` back once
-(the weights sum to 1): the attention result is unchanged up to rounding.
 """
 
 from __future__ import annotations
@@ -93,16 +88,14 @@ class MixedKV(tuple):
     query_positions: mx.array  # the positions of the queries of this call
     window: int | None  # a rotating cache's window: query p sees keys > p - window (and the sinks)
     sinks: int
-    v_mean: mx.array | None  # (B, n_kv_heads, 1, D): the value center, added to the output
 
     @classmethod
     def of(cls, segments: Sequence[Segment], query_positions: mx.array, window: int | None = None,
-           sinks: int = 0, v_mean: mx.array | None = None) -> "MixedKV":
+           sinks: int = 0) -> "MixedKV":
         obj = cls(s for s in segments if s.length)
         obj.query_positions = query_positions
         obj.window = window
         obj.sinks = sinks
-        obj.v_mean = v_mean
         return obj
 
 
@@ -191,8 +184,6 @@ def mixed_attention(queries: mx.array, kv: MixedKV, scale: float) -> mx.array:
             if s.rotated:
                 o = hadamard(o)
         out = o if out is None else out + o
-    if kv.v_mean is not None:
-        out = out + mx.expand_dims(kv.v_mean, 2)  # every segment holds centered values; the weights sum to 1
     return out.reshape(B, n_heads, L, D)  # type: ignore[union-attr]
 
 

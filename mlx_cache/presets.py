@@ -29,15 +29,15 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "kv4",
-            CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, center=True, k_per_channel=True),
-            "4-bit per-channel keys, 3-bit values, float sinks and last 96 tokens, centered",
-            bits=4.39, ppl_pct=2.20,
+            CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, k_per_channel=True),
+            "4-bit per-channel keys, 3-bit values, float sinks and last 96 tokens",
+            bits=4.39, ppl_pct=0.21,
         ),
         Preset(
             "kv3",
-            CacheConfig(k_bits=3, v_bits=2, keep_fp=4, fp_window=96, center=True, k_per_channel=True),
-            "3-bit per-channel keys, 2-bit values, float sinks and last 96 tokens, centered",
-            bits=3.39, ppl_pct=8.64,
+            CacheConfig(k_bits=3, v_bits=2, keep_fp=4, fp_window=96, k_per_channel=True),
+            "3-bit per-channel keys, 2-bit values, float sinks and last 96 tokens",
+            bits=3.39, ppl_pct=0.87,
         ),
     )
 }

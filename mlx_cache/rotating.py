@@ -169,8 +169,6 @@ class RotatingKVCache(_BaseKV):
         self.offset = position
         self._idx = position if position < self.capacity else self.sinks
         self._trim_tail(old)  # not wrapped: rows are positions, as in a full cache
-        if position == 0:
-            self._centers = None
 
     def _state(self) -> dict[str, Any]:
         s = super()._state()

@@ -14,7 +14,7 @@ the cache has ``bits``; this module wraps that function so planes marked
 :class:`~mlx_cache.quantize.RotatedPlanes` get the two rotations. Every other
 call passes through unchanged.
 
-Caches with float segments (sinks, a recent window) or centering hand over a
+Caches with float segments (sinks, a recent window) or per-channel keys hand over a
 :class:`~mlx_cache.mixed.MixedKV` instead, which goes to
 :func:`~mlx_cache.mixed.mixed_attention`.
 """

@@ -332,7 +332,7 @@ class Engine:
             )
         if config.kind == "rotating":
             window = min(window, config.window)
-        # Every quantization option carries over: the planes move as they are (centered codes need their centers).
+        # Every quantization option carries over: the planes move as they are.
         new_config = replace(
             state.config, kind="rotating", window=window, sinks=sinks, keep_fp=min(state.config.keep_fp, sinks),
             fp_window=min(state.config.fp_window, window),

@@ -304,9 +304,9 @@ def test_budget_helpers():
     "kwargs",
     [dict(kind="ring"), dict(k_bits=5), dict(group_size=48), dict(kind="rotating", window=0),
      dict(rotate=True), dict(k_bits=2, v_bits=2, rotate=True), dict(kind="rotating", sinks=2, keep_fp=3, k_bits=4),
-     dict(fp_window=8), dict(center=True), dict(k_per_channel=True), dict(k_bits=4, fp_window=-1),
+     dict(fp_window=8), dict(k_per_channel=True), dict(k_bits=4, fp_window=-1),
      dict(kind="rotating", k_bits=4, k_per_channel=True), dict(k_bits=4, rotate=True, k_per_channel=True),
-     dict(kind="rotating", window=16, k_bits=4, fp_window=17), dict(k_bits=4, center=1)],
+     dict(kind="rotating", window=16, k_bits=4, fp_window=17), dict(k_bits=4, k_per_channel=1)],
 )
 def test_invalid_configs_are_refused(kwargs):
     with pytest.raises(CacheConfigError):
@@ -314,10 +314,9 @@ def test_invalid_configs_are_refused(kwargs):
 
 
 def test_config_round_trip():
-    cfg = CacheConfig(kind="rotating", window=100, sinks=2, k_bits=4, v_bits=8, rotate=True, fp_window=32,
-                      center=True)
+    cfg = CacheConfig(kind="rotating", window=100, sinks=2, k_bits=4, v_bits=8, rotate=True, fp_window=32)
     assert CacheConfig.from_dict(cfg.to_dict()) == cfg
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("fp_window", "center", "k_per_channel")}
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("fp_window", "k_per_channel")}
     assert CacheConfig.from_dict(old) == CacheConfig(kind="rotating", window=100, sinks=2, k_bits=4, v_bits=8, rotate=True)
     # an option this version does not know would change the layout silently: refused, naming it
     with pytest.raises(CacheConfigError, match="future_field"):

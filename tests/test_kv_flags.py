@@ -27,15 +27,15 @@ def test_kv_bits_alone_is_the_best_preset_at_those_bits():
 @pytest.mark.parametrize("flags", [("--kv-group-size", "32"), ("--k-bits", "4"), ("--kv-rotate",), ("--kv-keep-fp", "2")])
 def test_kv_bits_with_a_quantization_flag_is_laid_out_by_hand(flags):
     cfg = config("--kv-bits", "4", *flags)
-    assert cfg.k_bits == cfg.v_bits == 4 and not cfg.center and cfg.fp_window == 0
+    assert cfg.k_bits == cfg.v_bits == 4 and not cfg.k_per_channel and cfg.fp_window == 0
 
 
 def test_presets_and_lever_flags():
     assert config("--kv-preset", "kv3") == presets.PRESETS["kv3"].config
     cfg = config("--kv-preset", "kv4", "--cache", "rotating", "--window", "64", "--sinks", "2")
     assert (cfg.kind, cfg.window, cfg.sinks, cfg.keep_fp, cfg.fp_window) == ("rotating", 64, 2, 2, 64)
-    cfg = config("--kv-bits", "3", "--kv-fp-window", "32", "--kv-center")
-    assert cfg == CacheConfig(k_bits=3, v_bits=3, fp_window=32, center=True)
+    cfg = config("--kv-bits", "3", "--kv-fp-window", "32")
+    assert cfg == CacheConfig(k_bits=3, v_bits=3, fp_window=32)
     assert config("--kv-bits", "4", "--kv-per-channel-keys").k_per_channel
 
 

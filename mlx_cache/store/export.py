@@ -202,7 +202,7 @@ def _mlx_lm_state(name: str, spec: dict[str, Any], layer: Layer) -> tuple[str, A
     if layer.kind == "blocks" and native_q:
         return "QuantizedKVCache", (layer.keys, layer.values, layer.offset, cfg.group_size, cfg.k_bits)
     if cfg.segmented:
-        # float window and centers live in the cache's own state: let the cache decode itself
+        # the float window lives in the cache's own state: let the cache decode itself
         cache = make_layer_cache(cfg)
         cache.load_planes(layer.keys, layer.values, layer.offset, layer.dtype, float_head=layer.fp_head,
                           extras=layer.extras)

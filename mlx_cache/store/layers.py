@@ -44,11 +44,11 @@ class Layer:
     values: tuple[mx.array, ...] = ()
     fp_head: tuple[mx.array, mx.array] | None = None  # float copies of the leading tokens (keep_fp)
     state: Any = None
-    extras: dict[str, tuple[mx.array, mx.array]] | None = None  # float tail and centers (see _BaseKV.extras)
+    extras: dict[str, tuple[mx.array, mx.array]] | None = None  # the float tail (see FloatParts.extras)
 
 
 #: Snapshot tensor names of a layer's extras: name -> (key tensor suffix, value tensor suffix).
-EXTRA_TENSORS = {"tail": ("kt", "vt"), "centers": ("kmu", "vmu")}
+EXTRA_TENSORS = {"tail": ("kt", "vt")}
 
 
 def put_extras(arrays: dict[str, mx.array], i: int, extras: dict[str, tuple[mx.array, mx.array]]) -> None:
@@ -61,7 +61,7 @@ def pop_extras(arrays: dict[str, mx.array], i: int, spec: dict[str, Any], dtype:
                ) -> dict[str, tuple[mx.array, mx.array]]:
     """The extras a layer's index entry names, popped from the snapshot's tensors."""
     out = {}
-    wanted = {"tail": bool(spec.get("fp_tail")), "centers": bool(spec.get("centered"))}
+    wanted = {"tail": bool(spec.get("fp_tail"))}
     for name, (ks, vs) in EXTRA_TENSORS.items():
         if wanted[name]:
             out[name] = (_cast(arrays.pop(f"{i}.{ks}"), dtype), _cast(arrays.pop(f"{i}.{vs}"), dtype))
@@ -132,7 +132,6 @@ def describe(name: str, caches: Sequence[Any], n_tokens: int) -> list[dict[str, 
                 "fp_tokens": head[0].shape[2] if head is not None else 0,
                 "held": c.tokens if offset else 0,
                 "fp_tail": extras["tail"][0].shape[2] if "tail" in extras else 0,
-                "centered": "centers" in extras,
             }
         )
     return out
@@ -156,7 +155,7 @@ def snapshot_arrays(caches: Sequence[Any], layers: list[dict[str, Any]]) -> dict
         if layer["kind"] == "window" and layer["offset"]:
             put_planes(arrays, i, c.temporal_planes(), c.float_head())
         if layer["kind"] in ("window", "blocks") and layer["offset"]:
-            # the float tail and centers change every turn: saved whole, like a window
+            # the float tail changes every turn: saved whole, like a window
             put_extras(arrays, i, c.extras())
         elif layer["kind"] == "state":
             flatten_state(c.state, i, arrays)
@@ -178,7 +177,7 @@ def checkpoint_arrays(caches: Sequence[Any], layers: list[dict[str, Any]], check
             return None
         offsets.append(cp.offset)
         if layer["kind"] == "blocks":
-            if cp.offset != position or cp.state.get("fp_tail") is not None or cp.state.get("centers") is not None:
+            if cp.offset != position or cp.state.get("fp_tail") is not None:
                 return None  # the blocks hold the codes, not the float copies of that moment
             continue  # the blocks already hold these tokens
         scratch = RotatingKVCache(c.config)
@@ -242,7 +241,7 @@ def build_checkpoint(caches: Sequence[Any], layers: list[Layer], arrays: dict[st
         elif layer.kind == "window":
             if f"{i}.k.0" in arrays:
                 spec = dict(stored[i], offset=offset, fp_tokens=1 if f"{i}.kfp" in arrays else 0,
-                            fp_tail=f"{i}.kt" in arrays, centered=f"{i}.kmu" in arrays)
+                            fp_tail=f"{i}.kt" in arrays)
                 w = window_layer(i, spec, arrays, layer.dtype)
                 scratch.load_planes(w.keys, w.values, offset, layer.dtype, float_head=w.fp_head, extras=w.extras)
         else:

@@ -27,8 +27,6 @@ def load_prefix(store: "SessionStore", model_fingerprint: str, cache_config: Cac
     """
     if not caches or not all(isinstance(c, FullKVCache) and c.offset == 0 for c in caches):
         return 0
-    if cache_config.center:
-        return 0  # centered codes need the lender's centers, which live in its snapshot, not its blocks
     usable = (len(tokens) - 1) // BLOCK_TOKENS
     if usable <= 0 or not store.sessions_dir.is_dir():
         return 0

@@ -21,7 +21,7 @@ from ...settings import Settings
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
 #: The quantization fields a preset sets (kind, window and sinks stay the user's).
-_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "center", "k_per_channel")
+_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "k_per_channel")
 
 
 def _preset_of(c: CacheConfig) -> str:
@@ -89,7 +89,6 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Float sinks", _input(str(c.keep_fp), type="integer", id="keep_fp"), "first tokens never quantized")
                 yield _row("Float window", _input(str(c.fp_window), type="integer", id="fp_window"),
                            "last tokens not yet quantized")
-                yield _row("Center", Checkbox("center", c.center, id="center", compact=True), "subtract a per-head mean")
                 yield _row("Per-channel keys", Checkbox("per channel", c.k_per_channel, id="k_per_channel", compact=True),
                            "full cache only (KIVI)")
                 yield _row("KV budget", _input(s.kv_budget or "", placeholder="what the device can spare",
@@ -127,7 +126,6 @@ class SettingsScreen(ModalScreen[Settings | None]):
             self.query_one(f"#{wid}", Select).value = str(getattr(p, wid)) if getattr(p, wid) else _FP
         self.query_one("#group_size", Select).value = str(p.group_size)
         self.query_one("#rotate", Checkbox).value = p.rotate
-        self.query_one("#center", Checkbox).value = p.center
         self.query_one("#k_per_channel", Checkbox).value = p.k_per_channel
         for wid in ("keep_fp", "fp_window"):
             self.query_one(f"#{wid}", Input).value = str(getattr(p, wid))
@@ -160,7 +158,6 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 rotate=bool(self.query_one("#rotate", Checkbox).value),
                 keep_fp=num("keep_fp", int, "Float sinks"),
                 fp_window=num("fp_window", int, "Float window"),
-                center=bool(self.query_one("#center", Checkbox).value),
                 k_per_channel=bool(self.query_one("#k_per_channel", Checkbox).value),
             )
         except CacheConfigError as e:
