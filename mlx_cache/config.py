@@ -41,6 +41,13 @@ class CacheConfig:
     group_size: int = 64  # quantization group along head_dim
     keep_fp: int = 0  # leading tokens also kept unquantized (e.g. the system prompt)
     rotate: bool = False  # Hadamard-rotate K/V before quantizing (spreads outliers)
+    # The most recent tokens kept unquantized: a token is quantized only once it
+    # leaves this window (KIVI's residual), so the tokens a reply leans on most stay exact.
+    fp_window: int = 0
+    # Quantize keys per channel, each group `group_size` consecutive tokens of one channel
+    # (KIVI): a channel's offset costs no range. The newest tokens of an unfinished group
+    # stay in floats (a streaming residual) until the group fills.
+    k_per_channel: bool = False
 
     def __post_init__(self) -> None:
         # Values also come from files (settings, session indexes): check kinds and ranges first.
@@ -59,6 +66,10 @@ class CacheConfig:
         check_number(self.keep_fp, "keep_fp", 0, MAX_TOKEN_COUNT, integer=True, error=CacheConfigError)
         if not isinstance(self.rotate, bool):
             raise CacheConfigError(f"rotate must be true or false, not {self.rotate!r}.")
+        if not isinstance(self.k_per_channel, bool):
+            raise CacheConfigError(f"k_per_channel must be true or false, not {self.k_per_channel!r}.")
+        check_number(self.fp_window, "The float window (fp_window)", 0, MAX_TOKEN_COUNT, integer=True,
+                     error=CacheConfigError)
         if self.kind not in ("full", "rotating"):
             raise CacheConfigError(f"Unknown cache kind {self.kind!r}: use 'full' or 'rotating'.")
         for name, bits in (("key", self.k_bits), ("value", self.v_bits)):
@@ -76,6 +87,24 @@ class CacheConfig:
                 "In a rotating cache only sink tokens can stay unquantized: "
                 "set keep_fp to at most the number of sinks."
             )
+        if not self.quantized and (self.fp_window or self.k_per_channel):
+            raise CacheConfigError(
+                "A float window and per-channel keys only apply to a quantized cache: set --kv-bits."
+            )
+        if self.k_per_channel:
+            if self.k_bits is None:
+                raise CacheConfigError("Per-channel keys need quantized keys: set --k-bits or --kv-bits.")
+            if self.kind == "rotating":
+                raise CacheConfigError(
+                    "Per-channel keys quantize whole groups of tokens, which a rotating window evicts one at a "
+                    "time: use them with a full cache."
+                )
+            if self.rotate:
+                raise CacheConfigError("Per-channel keys and Hadamard rotation do not combine: choose one.")
+        if self.kind == "rotating" and self.fp_window > self.window:
+            raise CacheConfigError(
+                f"The float window ({self.fp_window}) cannot be longer than the rotating window ({self.window})."
+            )
         if self.rotate:
             if not self.quantized:
                 raise CacheConfigError("Hadamard rotation only applies to a quantized cache: set --kv-bits.")
@@ -88,6 +117,20 @@ class CacheConfig:
     @property
     def quantized(self) -> bool:
         return self.k_bits is not None or self.v_bits is not None
+
+    @property
+    def segmented(self) -> bool:
+        """Whether some held tokens stay in floats or keys are per channel (attention then takes segments)."""
+        return self.quantized and bool(self.keep_fp or self.fp_window or self.k_per_channel)
+
+    def float_tail(self, tokens: int) -> int:
+        """Tokens held in floats at the end after `tokens` of context: the window, or an unfinished key group."""
+        if not self.quantized:
+            return 0
+        n = self.fp_window
+        if self.k_per_channel:
+            n = max(n, tokens % self.group_size)
+        return min(n, tokens)
 
     @property
     def capacity(self) -> int | None:
@@ -115,6 +158,12 @@ class CacheConfig:
             parts.append(k if k == v else f"{k}/{v}")
             if self.rotate:
                 parts.append("rot")
+            if self.keep_fp or self.fp_window:
+                parts.append(f"fp{self.keep_fp}+{self.fp_window}")
+            if self.k_per_channel:
+                parts.append("k-per-channel")
+            if self.group_size != 64:
+                parts.append(f"g{self.group_size}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +171,15 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CacheConfig":
-        """Build from a dict, ignoring unknown keys (forward compatible)."""
+        """Build from a dict; keys it lacks take their defaults (older files), unknown keys are refused.
+
+        An unknown key is an option of a newer kvchat: opening its session here
+        would silently run another cache layout than the one it was saved with.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        unknown = sorted(k for k in data if k not in names)
+        if unknown:
+            raise CacheConfigError(
+                f"Unknown KV cache option {unknown[0]!r}: this was saved by a newer kvchat; upgrade kvchat to open it."
+            )
+        return cls(**data)

@@ -37,5 +37,9 @@ def to_window(model: Any, caches: Sequence[Any], config: CacheConfig) -> list[An
         if held > new.capacity:
             k = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window:, :]], axis=2) for p in k)
             v = tuple(mx.concatenate([p[..., :sinks, :], p[..., held - window:, :]], axis=2) for p in v)
-        new.load_planes(k, v, old.offset, old.dtype)
+        extras = old.extras() if hasattr(old, "extras") else {}
+        if "tail" in extras:  # the float window: its newest tokens, as many as the new one keeps
+            n = min(config.fp_window, extras["tail"][0].shape[2])
+            extras["tail"] = (extras["tail"][0][..., -n:, :], extras["tail"][1][..., -n:, :])
+        new.load_planes(k, v, old.offset, old.dtype, extras=extras)
     return new_caches

@@ -67,15 +67,31 @@ class FullKVCache(_BaseKV):
         for buf, new in zip(self.values, v):  # type: ignore[arg-type]
             buf[..., prev : self.offset, :] = new
         self._remember_fp_head(prev, keys, values)
-        return self._fetch()
+        if self.kc.per_channel:
+            self._seal(prev, keys)
+        self._remember_fp_tail(keys, values)
+        return self._fetch(n)
 
-    def _fetch(self) -> tuple[Any, Any]:
+    def _seal(self, prev: int, keys: mx.array) -> None:
+        """Code the per-channel key groups this update filled, from their float copies."""
+        g = self.config.group_size
+        first, last = prev - prev % g, self.offset - self.offset % g
+        if last <= first:
+            return
+        new = keys
+        recent = new if self._fp_tail is None else mx.concatenate([self._fp_tail[0], new], axis=2)
+        start = self.offset - recent.shape[2]  # position of recent's first row; <= first (tail >= unfinished group)
+        codes = self.kc.encode_groups(recent[..., first - start : last - start, :])
+        for buf, c in zip(self.keys, codes):  # type: ignore[arg-type]
+            buf[..., first:last, :] = c
+
+    def _fetch(self, queries: int) -> tuple[Any, Any]:
         if self.offset < self.keys[0].shape[2]:  # type: ignore[index]
             k = _slice_tokens(self.keys, 0, self.offset)  # type: ignore[arg-type]
             v = _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
         else:
             k, v = self.keys, self.values
-        return self._present(k, v)  # type: ignore[arg-type]
+        return self._present(k, v, queries=queries)  # type: ignore[arg-type]
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
         if window_size is not None:
@@ -90,7 +106,9 @@ class FullKVCache(_BaseKV):
     def trim_to(self, position: int) -> None:
         if not self.can_trim_to(position):
             raise ValueError(f"cannot trim a cache at {self.offset} tokens to {position}")
+        old = self.offset
         self.offset = position
+        self._trim_tail(old)
 
     def temporal_planes(self) -> tuple[Planes, Planes] | None:
         if self.keys is None or self.offset == 0:
@@ -98,7 +116,8 @@ class FullKVCache(_BaseKV):
         return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
 
     def load_planes(
-        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
+        extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
         self.reset()
         self.dtype = dtype
@@ -108,6 +127,7 @@ class FullKVCache(_BaseKV):
         probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
         self._setup(probe, probe)
         self.keys, self.values, self.offset = keys, values, offset
+        self._restore_extras(keys, values, extras)
         if float_head is not None and self.config.quantized and self.config.keep_fp:
             self._fp_head = float_head
         else:
@@ -119,9 +139,7 @@ class FullKVCache(_BaseKV):
             # The unquantized head is rebuilt from the session's own fp planes by the
             # store when it has them; otherwise fall back to the dequantized values.
             n = min(keep, self.tokens)
-            k = self.kc.decode(_slice_tokens(self.keys, 0, n), self.dtype)  # type: ignore[arg-type]
-            v = self.vc.decode(_slice_tokens(self.values, 0, n), self.dtype)  # type: ignore[arg-type]
-            self._fp_head = (k, v)
+            self._fp_head = self._decode(_slice_tokens(self.keys, 0, n), _slice_tokens(self.values, 0, n))  # type: ignore[arg-type]
 
 
 def make_layer_cache(config: CacheConfig) -> FullKVCache | RotatingKVCache:
@@ -158,6 +176,7 @@ def make_caches(model: Any, config: CacheConfig) -> list[Any]:
                         group_size=config.group_size,
                         keep_fp=min(config.keep_fp, keep),
                         rotate=config.rotate,
+                        fp_window=min(config.fp_window, window),
                     )
                 )
             )

@@ -13,7 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 import mlx.core as mx
 
 from .config import CacheConfig
-from .quantize import Codec, Planes, RotatedPlanes, quantized_attention_available, rotated_attention_enabled
+from .float_parts import FloatParts
+from .mixed import mixed_attention_enabled, segments_for_every_quantized_cache
+from .quantize import Codec, Planes, quantized_attention_available, rotated_attention_enabled, slice_tokens
 
 
 @runtime_checkable
@@ -48,13 +50,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes the checkpoint's copies of the buffers hold."""
         total = 0
-        for key in ("keys", "values", "fp_head"):
+        for key in ("keys", "values", "fp_head", "fp_tail"):
             total += sum(p.nbytes for p in self.state.get(key) or ())
         return total
 
 
-def _slice_tokens(planes: Planes, start: int, end: int) -> Planes:
-    return tuple(p[..., start:end, :] for p in planes)
+_slice_tokens = slice_tokens
 
 
 def _concat(a: Planes, b: Planes) -> Planes:
@@ -67,14 +68,14 @@ def _copy(planes: Planes | None) -> Planes | None:
     return None if planes is None else tuple(mx.array(p) for p in planes)
 
 
-class _BaseKV:
-    """Shared codec, attention-mode and accounting logic."""
+class _BaseKV(FloatParts):
+    """Shared codec, attention-mode and accounting logic (float sinks and window: FloatParts)."""
 
     step = 256  # tokens added per growth; matches mlx-lm so results are comparable
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self.kc = Codec(config.k_bits, config.group_size, config.rotate)
+        self.kc = Codec(config.k_bits, config.group_size, config.rotate, per_channel=config.k_per_channel)
         self.vc = Codec(config.v_bits, config.group_size, config.rotate)
         self.keys: Planes | None = None
         self.values: Planes | None = None
@@ -84,19 +85,22 @@ class _BaseKV:
         self.head_dim = 0
         # fp copies of the first `keep_fp` tokens (quantized caches only)
         self._fp_head: tuple[mx.array, mx.array] | None = None
+        # fp copies of the last `fp_window` tokens held (quantized caches only)
+        self._fp_tail: tuple[mx.array, mx.array] | None = None
         self._qattn = False
+        self._mixed = False  # attention takes MixedKV segments (see mlx_cache.mixed)
 
     # -- attention mode -------------------------------------------------------
     @property
     def bits(self) -> int:
         """Present only when the model should run quantized attention on us."""
-        if not self._qattn:
+        if not (self._qattn or self._mixed):
             raise AttributeError("bits")
-        return self.config.k_bits  # type: ignore[return-value]
+        return self.config.k_bits or self.config.v_bits  # type: ignore[return-value]
 
     @property
     def group_size(self) -> int:
-        if not self._qattn:
+        if not (self._qattn or self._mixed):
             raise AttributeError("group_size")
         return self.config.group_size
 
@@ -106,8 +110,11 @@ class _BaseKV:
         self.head_dim = keys.shape[-1]
         self.config.check_head_dim(self.head_dim)
         c = self.config
+        segmented = c.segmented or (c.quantized and segments_for_every_quantized_cache())
+        self._mixed = segmented and mixed_attention_enabled() and values.shape[-1] == keys.shape[-1]
         self._qattn = (
-            c.k_bits is not None
+            not segmented
+            and c.k_bits is not None
             and c.k_bits == c.v_bits
             and (not c.rotate or rotated_attention_enabled())
             and c.keep_fp == 0
@@ -118,38 +125,13 @@ class _BaseKV:
     def _encode(self, keys: mx.array, values: mx.array) -> tuple[Planes, Planes]:
         if self.keys is None and self.dtype is None:
             self._setup(keys, values)
+        if self.kc.per_channel:
+            # Per-channel key groups are coded once whole (see FullKVCache._seal); until
+            # then their rows hold zeros and attention reads those tokens from the float tail.
+            w = self.kc.plane_widths(keys.shape[-1])
+            kd = self.kc.plane_dtypes(keys.dtype)
+            return tuple(mx.zeros((*keys.shape[:3], n), d) for n, d in zip(w, kd)), self.vc.encode(values)
         return self.kc.encode(keys), self.vc.encode(values)
-
-    def _remember_fp_head(self, start: int, keys: mx.array, values: mx.array) -> None:
-        """Keep float copies of tokens below keep_fp for the dequantized path."""
-        keep = self.config.keep_fp if self.config.quantized else 0
-        if start >= keep:
-            return
-        n = min(keep - start, keys.shape[2])
-        k, v = keys[..., :n, :], values[..., :n, :]
-        if self._fp_head is None or start == 0:
-            self._fp_head = (k, v)
-        else:
-            hk, hv = self._fp_head
-            self._fp_head = (
-                mx.concatenate([hk[..., :start, :], k], axis=2),
-                mx.concatenate([hv[..., :start, :], v], axis=2),
-            )
-
-    def _present(self, k: Planes, v: Planes) -> tuple[Any, Any]:
-        """Turn stored planes into what the model's attention consumes."""
-        if self._qattn:
-            # Rotated planes go to attention still rotated; it rotates q and the output.
-            return (RotatedPlanes(k), RotatedPlanes(v)) if self.config.rotate else (k, v)
-        if not self.kc.quantized and not self.vc.quantized:
-            return k[0], v[0]
-        keys = self.kc.decode(k, self.dtype)
-        values = self.vc.decode(v, self.dtype)
-        if self._fp_head is not None:
-            n = min(self._fp_head[0].shape[2], keys.shape[2])
-            keys = mx.concatenate([self._fp_head[0][..., :n, :], keys[..., n:, :]], axis=2)
-            values = mx.concatenate([self._fp_head[1][..., :n, :], values[..., n:, :]], axis=2)
-        return keys, values
 
     # -- accounting -----------------------------------------------------------
     @property
@@ -165,10 +147,12 @@ class _BaseKV:
         )
 
     def _fp_head_bytes(self) -> int:
-        if self._fp_head is None:
+        """Bytes of the float copies (head, tail), cut to the tokens held."""
+        if self.dtype is None:
             return 0
-        n = min(self._fp_head[0].shape[2], self.tokens)
-        return n * 2 * self.n_kv_heads * self.head_dim * self.dtype.size  # type: ignore[union-attr]
+        n = 0 if self._fp_head is None else min(self._fp_head[0].shape[2], self.tokens)
+        n += 0 if self._fp_tail is None else min(self._fp_tail[0].shape[2], self.tokens)
+        return n * 2 * self.n_kv_heads * self.head_dim * self.dtype.size
 
     @property
     def bytes_used(self) -> int:
@@ -182,8 +166,9 @@ class _BaseKV:
         for planes in (self.keys, self.values):
             if planes is not None:
                 total += sum(p.nbytes for p in planes)
-        if self._fp_head is not None:
-            total += self._fp_head[0].nbytes + self._fp_head[1].nbytes
+        for extra in (self._fp_head, self._fp_tail):
+            if extra is not None:
+                total += extra[0].nbytes + extra[1].nbytes
         return total
 
     @property
@@ -212,7 +197,8 @@ class _BaseKV:
 
     # -- checkpoints ----------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {"keys": _copy(self.keys), "values": _copy(self.values), "fp_head": self._fp_head}
+        return {"keys": _copy(self.keys), "values": _copy(self.values), "fp_head": self._fp_head,
+                "fp_tail": self._fp_tail}
 
     def checkpoint(self) -> Checkpoint:
         """Snapshot the current state (buffers are copied on the next write, not now)."""
@@ -222,11 +208,12 @@ class _BaseKV:
         s = checkpoint.state
         self.keys, self.values = _copy(s["keys"]), _copy(s["values"])
         self._fp_head = s["fp_head"]
+        self._fp_tail = s.get("fp_tail")
         self.offset = checkpoint.offset
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self._fp_head = None
+        self._fp_head = self._fp_tail = None
         self.offset = 0
 
     # -- storage access for the session store --------------------------------
@@ -235,13 +222,15 @@ class _BaseKV:
         raise NotImplementedError
 
     def load_planes(
-        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
+        extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
         """Replace the contents with planes in position order (the session store's restore).
 
         `float_head` is what :meth:`float_head` returned when the planes were
-        saved; without it a quantized cache with ``keep_fp`` rebuilds its float
-        head by dequantizing (close, but not bitwise what it was).
+        saved and `extras` what :meth:`extras` returned; without them a
+        quantized cache with ``keep_fp`` or ``fp_window`` rebuilds its float
+        copies by dequantizing (close, but not bitwise what it was).
         """
         raise NotImplementedError
 

@@ -68,6 +68,29 @@ def bytes_per_token(shape: KVShape, config: CacheConfig) -> int:
     return shape.n_layers * (k + v)
 
 
+def effective_bits(shape: KVShape, config: CacheConfig, tokens: int, float_bits: int = 16) -> float:
+    """Bits per stored K/V element at `tokens` of context, counting everything the cache keeps.
+
+    Codes, scales and biases, the float copies of sinks (``keep_fp``) and of the
+    recent window (``fp_window``, or an unfinished group of per-channel keys), over every layer
+    Float data counts `float_bits` each: 16 is
+    what a cache holds on Metal and CUDA (on the CPU kvchat computes in float32,
+    which doubles the float parts but changes nothing else).
+    """
+    held = min(tokens, config.capacity) if config.capacity else tokens
+    if held <= 0:
+        return 0.0
+    d, c = shape.head_dim, config
+    total = 0
+    for bits in (c.k_bits, c.v_bits):
+        per_head = d * float_bits if bits is None else d * bits + 2 * (d // c.group_size) * float_bits
+        total += held * per_head
+    if c.quantized:
+        extra = min(c.keep_fp, held) + c.float_tail(held)
+        total += extra * 2 * d * float_bits
+    return total / (held * 2 * d)
+
+
 def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]:
     """Predicted (bytes_used, bytes_allocated) after `tokens` tokens of context.
 
@@ -77,9 +100,10 @@ def predict(shape: KVShape, config: CacheConfig, tokens: int) -> tuple[int, int]
     held = min(tokens, config.capacity) if config.capacity else tokens
     per = bytes_per_token(shape, config)
     fp_head = 0
-    if config.quantized and config.keep_fp:
-        fp_head = min(config.keep_fp, held) * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size
-        fp_head *= shape.n_layers
+    if config.quantized:
+        # float copies of the sinks and of the recent window
+        fp_tokens = min(config.keep_fp, held) + config.float_tail(held)
+        fp_head = fp_tokens * 2 * shape.n_kv_heads * shape.head_dim * shape.dtype_size * shape.n_layers
     used = held * per + fp_head
     step = 256
     alloc_tokens = -(-held // step) * step
@@ -116,6 +140,10 @@ def max_window(shape: KVShape, config: CacheConfig, budget_bytes: int, checkpoin
 #: softmax share buffers where MLX can donate them); 2 leaves room for backends
 #: that donate less.
 SCORE_COPIES = 2
+#: The same for a cache attending in segments (float sinks or window, per-channel keys;
+#: see mlx_cache.mixed): each segment's scores, the masked ones, their
+#: concatenation and the softmax (measured ~3.3 copies on the CPU).
+SEGMENTED_SCORE_COPIES = 4
 PREFILL_CHUNK_MAX = 512  # the engine's prefill step when memory is no concern
 PREFILL_CHUNK_MIN = 32  # the smallest step a tight budget shrinks it to
 
@@ -146,7 +174,8 @@ def prefill_scratch(shape: KVShape, config: CacheConfig, chunk: int, context: in
     keys = held + chunk
     heads = shape.n_heads or shape.n_kv_heads
     dt = shape.dtype_size
-    scores = heads * chunk * keys * (SCORE_COPIES * dt + 1)
+    copies = SEGMENTED_SCORE_COPIES if config.segmented else SCORE_COPIES
+    scores = heads * chunk * keys * (copies * dt + 1)
     # one layer's K/V buffer: the old one while a full cache grows, the position-ordered copy a rotating one makes
     buffers = keys * (bytes_per_token(shape, config) // max(1, shape.n_layers))
     # decoded K and V, and the same with the float head in front, while the decoded ones are still alive
@@ -165,7 +194,7 @@ def attends_dequantized(shape: KVShape, config: CacheConfig) -> bool:
     """
     if not config.quantized:
         return False
-    if config.k_bits is None or config.k_bits != config.v_bits or config.keep_fp:
+    if config.k_bits is None or config.k_bits != config.v_bits or config.segmented:
         return True
     if config.rotate and not rotated_attention_enabled():
         return True
@@ -198,7 +227,8 @@ def max_window_in_budget(shape: KVShape, config: CacheConfig, budget_bytes: int)
     sinks = config.sinks if config.kind == "rotating" else 0
 
     def fits(window: int) -> bool:
-        sized = replace(config, kind="rotating", window=window, sinks=sinks)
+        sized = replace(config, kind="rotating", window=window, sinks=sinks, fp_window=min(config.fp_window, window),
+                        k_per_channel=False)
         n = window + sinks
         return 2 * predict(shape, sized, n)[1] + turn_scratch(shape, sized, n, n) <= budget_bytes
 

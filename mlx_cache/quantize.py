@@ -16,6 +16,11 @@ import mlx.core as mx
 
 Planes = tuple[mx.array, ...]
 
+
+def slice_tokens(planes: Planes, start: int, end: int) -> Planes:
+    """Rows [start, end) of every plane (the token axis)."""
+    return tuple(p[..., start:end, :] for p in planes)
+
 #: Set to True (or KVCHAT_DEQUANT_ATTENTION=1) to always attend over dequantized
 #: keys and values, as on backends without a quantized-attention kernel.
 FORCE_DEQUANTIZED_ATTENTION = os.environ.get("KVCHAT_DEQUANT_ATTENTION") == "1"
@@ -57,10 +62,14 @@ class Codec:
         rotate: multiply by a normalized Hadamard matrix before quantizing.
     """
 
-    def __init__(self, bits: int | None, group_size: int, rotate: bool = False) -> None:
+    def __init__(self, bits: int | None, group_size: int, rotate: bool = False, per_channel: bool = False) -> None:
         self.bits = bits
         self.group_size = group_size
         self.rotate = rotate and bits is not None
+        # Groups of `group_size` tokens along each channel (keys, KIVI). The planes keep the
+        # per-token shapes: a group's (head_dim, group) codes fill its group rows, so caches
+        # and the store slice them as they do any planes (at group boundaries).
+        self.per_channel = per_channel and bits is not None
 
     @property
     def quantized(self) -> bool:
@@ -69,13 +78,38 @@ class Codec:
     def encode(self, x: mx.array) -> Planes:
         if self.bits is None:
             return (x,)
+        if self.per_channel:
+            return self.encode_groups(x)
         if self.rotate:
             x = hadamard(x)
         return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
 
+    def encode_groups(self, x: mx.array) -> Planes:
+        """Per-channel codes of `x` (B, H, T, D), T a multiple of the group, as planes of T rows."""
+        B, H, T, D = x.shape
+        g = self.group_size
+        blocks = mx.swapaxes(x.reshape(B, H, T // g, g, D), -1, -2)  # (B, H, T/g, D, g)
+        return tuple(p.reshape(B, H, T, -1) for p in mx.quantize(blocks, group_size=g, bits=self.bits))
+
+    def channel_layout(self, planes: Planes) -> Planes:
+        """Per-channel planes of whole groups as one (B, H, D, T) quantized matrix for ``quantized_matmul``."""
+        g = self.group_size
+        head_dim = g * planes[1].shape[-1]  # a group's D scales fill its g rows
+        return tuple(_channel(p, g, head_dim) for p in planes)
+
     def decode(self, planes: Planes, dtype: mx.Dtype) -> mx.array:
         if self.bits is None:
             return planes[0]
+        if self.per_channel:
+            # whole groups decode; the rows of an unfinished group (not coded yet) come back as zeros
+            rows = planes[0].shape[2]
+            whole = rows - rows % self.group_size
+            x = mx.dequantize(*self.channel_layout(tuple(p[..., :whole, :] for p in planes)),
+                              group_size=self.group_size, bits=self.bits)  # (B, H, D, whole)
+            x = mx.swapaxes(x, -1, -2).astype(dtype)
+            if whole < rows:
+                x = mx.concatenate([x, mx.zeros((*x.shape[:2], rows - whole, x.shape[3]), dtype)], axis=2)
+            return x
         if self.rotate:
             return decode_rotated(planes, self.group_size, self.bits, dtype)
         return mx.dequantize(*planes, group_size=self.group_size, bits=self.bits).astype(dtype)
@@ -95,6 +129,15 @@ class Codec:
         return n_kv_heads * sum(
             w * d.size for w, d in zip(self.plane_widths(head_dim), self.plane_dtypes(dtype))
         )
+
+
+def _channel(p: mx.array, group: int, head_dim: int) -> mx.array:
+    """(B, H, n*group, w) rows of n per-channel groups -> (B, H, head_dim, n * width of a group)."""
+    B, H, rows, w = p.shape
+    n = rows // group
+    width = group * w // head_dim  # a group's codes are (head_dim, width)
+    x = p.reshape(B, H, n, head_dim, width)
+    return mx.swapaxes(x, 2, 3).reshape(B, H, head_dim, n * width)
 
 
 def hadamard(x: mx.array) -> mx.array:

@@ -64,8 +64,13 @@ class RotatingKVCache(_BaseKV):
         k, v = self._encode(keys, values)
         if keys.shape[2] == 1 and self.keys is not None:
             self._remember_fp_head(self.offset, keys, values)
+            self._remember_fp_tail(keys, values)
             self._update_one(k, v)
             held = self.tokens
+            if self._mixed or self._fp_tail is not None:
+                # Position order: the float tail must be the newest rows.
+                tk, tv = self._temporal()
+                return self._present(tk, tv, self._positions(held), queries=1)
             if held < self.keys[0].shape[2]:
                 return self._present(_slice_tokens(self.keys, 0, held), _slice_tokens(self.values, 0, held))  # type: ignore[arg-type]
             return self._present(self.keys, self.values)  # type: ignore[arg-type]
@@ -77,6 +82,7 @@ class RotatingKVCache(_BaseKV):
             all_k, all_v = _concat(tk, k), _concat(tv, v)
         self.offset += keys.shape[2]
         self._remember_fp_head(prev, keys, values)
+        self._remember_fp_tail(keys, values)
         total = all_k[0].shape[2]
         if total <= self.capacity:
             # pad to the next step (capped at capacity) so decoding appends in place
@@ -99,7 +105,16 @@ class RotatingKVCache(_BaseKV):
 
             self.keys, self.values = bound(all_k), bound(all_v)
         self._idx = self.tokens if self.tokens < self.capacity else self.sinks
-        return self._present(all_k, all_v)
+        return self._present(all_k, all_v, self._positions(total), queries=keys.shape[2])
+
+    def _positions(self, rows: int) -> mx.array:
+        """Positions of `rows` position-ordered rows ending at the newest token: the sinks, then a contiguous run."""
+        if rows >= self.offset:
+            return mx.arange(self.offset)
+        return mx.concatenate([mx.arange(self.sinks), mx.arange(self.offset - (rows - self.sinks), self.offset)])
+
+    def _mask_window(self) -> tuple[int | None, int]:
+        return self.window, self.sinks
 
     def _update_one(self, k: Planes, v: Planes) -> None:
         held = self.tokens
@@ -150,8 +165,10 @@ class RotatingKVCache(_BaseKV):
             raise ValueError(
                 f"cannot trim a rotating cache at {self.offset} tokens to {position}: tokens were evicted"
             )
+        old = self.offset
         self.offset = position
         self._idx = position if position < self.capacity else self.sinks
+        self._trim_tail(old)  # not wrapped: rows are positions, as in a full cache
 
     def _state(self) -> dict[str, Any]:
         s = super()._state()
@@ -172,7 +189,8 @@ class RotatingKVCache(_BaseKV):
         return self._temporal()
 
     def load_planes(
-        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None
+        self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
+        extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
         self.reset()
         self.dtype = dtype
@@ -181,12 +199,10 @@ class RotatingKVCache(_BaseKV):
         self._setup(probe, probe)
         self.keys, self.values, self.offset = keys, values, offset
         self._idx = self.tokens if self.tokens < self.capacity else self.sinks
+        self._restore_extras(keys, values, extras)
         keep = self.config.keep_fp if self.config.quantized else 0
         if keep and float_head is not None:
             self._fp_head = float_head
         elif keep:
             n = min(keep, self.tokens)
-            self._fp_head = (
-                self.kc.decode(_slice_tokens(keys, 0, n), dtype),
-                self.vc.decode(_slice_tokens(values, 0, n), dtype),
-            )
+            self._fp_head = self._decode(_slice_tokens(keys, 0, n), _slice_tokens(values, 0, n))

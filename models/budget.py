@@ -102,6 +102,12 @@ class KVBudget:
                 "raise --kv-budget (F9 in the app) or start a new chat (a saved chat is never switched to a "
                 "smaller window to fit, which would replace its saved KV)."
             )
+        if config.k_per_channel:
+            raise BudgetExceeded(
+                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.limit)}, "
+                "and its per-channel keys cannot move into a rotating window: raise --kv-budget or start the "
+                "chat without --kv-per-channel-keys."
+            )
         if self.on_budget == "refuse":
             advice = (
                 "raise --kv-budget, quantize the cache (--kv-bits 4) or use a smaller --window"
@@ -122,6 +128,7 @@ class KVBudget:
             )
         if config.kind == "rotating":
             window = min(window, config.window)
-        new_config = replace(rot, window=window)  # every other choice (bits, rotation, ...) stays
+        # every other choice (bits, rotation, the float window, ...) stays: the planes move as they are
+        new_config = replace(rot, window=window, fp_window=min(config.fp_window, window))
         state.config, state.caches, state.checkpoint = new_config, to_window(model, state.caches, new_config), None
         return True

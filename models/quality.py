@@ -1,25 +1,28 @@
 """How much a KV cache layout costs in answer quality, measured on a real model.
 
-Two measures, both against the float ("full") cache:
+The protocol (``kvchat bench quality``):
 
-* **Perplexity** of a fixed English text (``data/quality_text.txt``) run
-  through the cache in chunks of at most 64 tokens. Every chunk's queries
-  attend over the keys and values of all earlier chunks as the cache stores
-  them, so what the number reflects is the cache's quantization, not the
-  model alone.
-* **Greedy agreement**: the share of the first 32 greedy answer tokens, over
-  20 fixed chat prompts (``data/quality_prompts.json``), that match what the
-  full cache produces, counted up to the first differing token.
-
-``run_quality`` runs both for the standard layouts (full, q8, q4, q3, rotated
-q4, rotated q3 at group size 64) and checks the two goals of rotated
-quantization: rotated q4 within 2% of full-cache perplexity, and rotated q3
-better than plain q4.
+* The text (by default the first 16,384 tokens of ``data/botchan.txt``, a
+  public-domain novel; ``--text FILE`` for any other) is cut into segments of
+  the context length under test (2K, 4K, 8K tokens).
+* Each segment is read from its start through the full float cache and,
+  in lockstep, through every cache under test, in chunks of 64 tokens, so
+  each chunk's queries attend over the earlier chunks' keys and values as the
+  cache stores them (as a chat's prompt does).
+* Only the second half of each segment is scored (as llama.cpp's perplexity
+  tool does), so every scored token sees at least half the context.
+* Per layout: perplexity, its change against the full cache on the same
+  tokens, the mean KL divergence of the next-token distribution from the full
+  cache's, and top-1 agreement with it; each with a 95% interval from the
+  spread of the 64-token chunks (normal approximation; the change against
+  full is paired chunk by chunk, which is what makes a 2% difference
+  visible on a few thousand tokens).
+* Effective bits per element at that context, everything counted (see
+  :func:`mlx_cache.memory.effective_bits`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,32 +32,29 @@ import mlx.core as mx
 
 from mlx_cache import CacheConfig
 from mlx_cache.kinds import make_caches
+from mlx_cache.memory import effective_bits
+from mlx_cache.mixed import segment_every_quantized_cache
+from mlx_cache.presets import PRESETS
 
-from .engine import Engine
-from .sample import GREEDY
-from .template import Message
-
-#: Most tokens per forward pass: the text goes through the cache's store and
-#: fetch in many small steps, as a chat's does, not in one long pass.
+#: Tokens per forward pass: the text goes through the cache in small steps, as a chat's does.
 MAX_CHUNK = 64
-#: Answer tokens compared per prompt.
-AGREEMENT_TOKENS = 32
+#: Context lengths the table reports.
+CONTEXTS = (2048, 4096, 8192)
+#: Tokens of the text read at each context by default (whole segments only).
+DEFAULT_TOKENS = 16384
+#: The context the goals are judged at.
+GOAL_CONTEXT = 4096
+Z95 = 1.959964  # two-sided 95% normal quantile
 
-#: The layouts the benchmark compares, in table order.
+#: The layouts the benchmark compares, in table order: today's plain caches,
+#: each lever alone on q4, and the presets that combine them.
 QUALITY_CONFIGS: dict[str, CacheConfig] = {
     "full": CacheConfig(),
-    "q8": CacheConfig(k_bits=8, v_bits=8, group_size=64),
-    "q4": CacheConfig(k_bits=4, v_bits=4, group_size=64),
-    "q3": CacheConfig(k_bits=3, v_bits=3, group_size=64),
-    "rotated q4": CacheConfig(k_bits=4, v_bits=4, group_size=64, rotate=True),
-    "rotated q3": CacheConfig(k_bits=3, v_bits=3, group_size=64, rotate=True),
-    # Keys carry most of the loss on small models: 8-bit keys with 4-bit values
-    # is the layout to pick when rotated q4 costs too much.
-    "rotated k8/v4": CacheConfig(k_bits=8, v_bits=4, group_size=64, rotate=True),
+    "q4": CacheConfig(k_bits=4, v_bits=4),
+    "q4 + fp sinks": CacheConfig(k_bits=4, v_bits=4, keep_fp=4),
+    "q4 + per-channel keys": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),
+    **{f"preset {name}": p.config for name, p in PRESETS.items()},
 }
-
-#: Rotated q4 may cost at most this much perplexity over the full cache, in percent.
-ROTATED_Q4_MAX_PPL_INCREASE_PCT = 2.0
 
 Progress = Callable[[str], None]
 
@@ -63,17 +63,8 @@ DATA_DIR = Path(__file__).parent / "data"
 
 
 def quality_text() -> str:
-    """The shipped English text (US founding documents; see data/SOURCES.md)."""
-    return (DATA_DIR / "quality_text.txt").read_text(encoding="utf-8")
-
-
-def quality_prompts() -> list[str]:
-    """The 20 shipped chat prompts (facts, math, code, advice)."""
-    text = (DATA_DIR / "quality_prompts.json").read_text(encoding="utf-8")
-    prompts = json.loads(text)
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("quality_prompts.json must be a JSON list of strings")
-    return prompts
+    """The shipped English text (Botchan, 1919 translation; see data/SOURCES.md)."""
+    return (DATA_DIR / "botchan.txt").read_text(encoding="utf-8")
 
 
 def text_tokens(loaded: Any, text: str) -> list[int]:
@@ -82,153 +73,123 @@ def text_tokens(loaded: Any, text: str) -> list[int]:
     return list(hf.encode(text, add_special_tokens=False))
 
 
-def perplexity(loaded: Any, cache_config: CacheConfig, text: str, chunk: int = MAX_CHUNK) -> dict[str, Any]:
-    """Perplexity of `text` when the model reads it through a cache of `cache_config`.
+def _log_softmax(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    Token i+1 is scored from the logits at token i. The text goes through the
-    model `chunk` tokens at a time, so each chunk attends over the earlier
-    chunks' keys and values as the cache stores them.
 
-    Args:
-        loaded: a model from :func:`models.load.load_model`.
-        cache_config: the cache layout under test.
-        text: the text to score; needs at least 2 tokens.
-        chunk: tokens per forward pass (at least 1).
+def score_context(
+    loaded: Any, configs: Mapping[str, CacheConfig], tokens: Sequence[int], context: int, segments: int,
+    chunk: int = MAX_CHUNK, progress: Progress | None = None,
+) -> dict[str, list[tuple[float, float, float, int]]]:
+    """Per-chunk sums ``(nll, kl, top1, n)`` of each layout over `segments` segments of `context` tokens.
 
-    Returns:
-        ``{"nll": mean negative log-likelihood in nats, "ppl": exp(nll),
-        "tokens": tokens scored, "chunk": chunk, "cache": label}``.
+    "full" (the float cache) is the reference and is always run. The logits at
+    positions context / 2 .. context - 1 of a segment are scored, each against
+    the token that follows it (the last one against the token after the segment).
     """
-    if chunk < 1:
-        raise ValueError("chunk must be at least 1 token")
-    tokens = text_tokens(loaded, text)
-    if len(tokens) < 2:
-        raise ValueError("the text needs at least 2 tokens to score")
-    limit = loaded.max_context
-    if limit and len(tokens) > limit:
-        raise ValueError(f"the text is {len(tokens)} tokens but the model's context is {limit}")
-    cache_config.check_head_dim(loaded.kv_shape.head_dim)
-    caches = make_caches(loaded.model, cache_config)
-    ids = mx.array(tokens)
-    total = mx.array(0.0, dtype=mx.float32)
-    for start in range(0, len(tokens) - 1, chunk):
-        end = min(start + chunk, len(tokens) - 1)  # the last token has nothing to predict
-        logits = loaded.model(ids[start:end][None], cache=caches)[0].astype(mx.float32)  # (end-start, V)
-        targets = ids[start + 1 : end + 1]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)
-        total = total - picked.sum()
-        # Evaluate per chunk so the graph (and peak memory) stays one chunk deep.
-        mx.eval(total, [c.keys for c in caches if getattr(c, "keys", None) is not None])
-    scored = len(tokens) - 1
-    nll = total.item() / scored
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": scored, "chunk": chunk, "cache": cache_config.label()}
+    if chunk < 1 or context < 2 * chunk or context % chunk:
+        raise ValueError(f"the context ({context}) must be a multiple of the chunk ({chunk}), at least twice it")
+    if len(tokens) < segments * context + 1:
+        raise ValueError(f"the text has {len(tokens)} tokens; {segments} segments of {context} need {segments * context + 1}")
+    names = ["full", *[n for n in configs if n != "full"]]
+    cfgs = {"full": CacheConfig(), **configs}
+    for c in cfgs.values():
+        c.check_head_dim(loaded.kv_shape.head_dim)
+    out: dict[str, list[tuple[float, float, float, int]]] = {n: [] for n in names}
+    ids = mx.array(list(tokens[: segments * context + 1]))
+    say = progress or (lambda _m: None)
+    for seg in range(segments):
+        base = seg * context
+        caches = {n: make_caches(loaded.model, cfgs[n]) for n in names}
+        t0 = time.perf_counter()
+        for start in range(0, context, chunk):
+            x = ids[base + start : base + start + chunk][None]
+            scored = start + chunk > context // 2
+            logits = {}
+            for n in names:
+                logits[n] = loaded.model(x, cache=caches[n])[0]
+                mx.eval(logits[n], [getattr(c, "keys", None) for c in caches[n]])
+            if not scored:
+                continue
+            first = max(0, context // 2 - start)
+            targets = ids[base + start + 1 + first : base + start + chunk + 1]
+            ref = _log_softmax(logits["full"][first:])
+            p_ref = mx.exp(ref)
+            top_ref = mx.argmax(ref, axis=-1)
+            for n in names:
+                lp = ref if n == "full" else _log_softmax(logits[n][first:])
+                nll = -mx.take_along_axis(lp, targets[:, None], axis=-1).sum()
+                kl = (p_ref * (ref - lp)).sum()
+                top1 = (mx.argmax(lp, axis=-1) == top_ref).sum()
+                out[n].append((nll.item(), max(kl.item(), 0.0), float(top1.item()), int(targets.shape[0])))
+        say(f"{context:,} tokens: segment {seg + 1}/{segments} in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
-def greedy_tokens(
-    loaded: Any, cache_config: CacheConfig, prompts: Sequence[str], tokens: int = AGREEMENT_TOKENS
-) -> list[list[int]]:
-    """The first `tokens` greedy answer token ids for each prompt, each in a fresh chat.
+def _interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and 95% interval of `values` (normal approximation; zero width for one value)."""
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
+    half = Z95 * sd / math.sqrt(k)
+    return mean, mean - half, mean + half
 
-    Runs through the engine, as a chat would; an answer that ends early (EOS)
-    is shorter than `tokens`, its EOS token included.
+
+def summarize(chunks: Mapping[str, Sequence[tuple[float, float, float, int]]]) -> dict[str, dict[str, Any]]:
+    """Perplexity, change vs full, KL and top-1 agreement with 95% intervals, per layout."""
+    full = chunks["full"]
+    rows = {}
+    for name, cs in chunks.items():
+        n = sum(c[3] for c in cs)
+        nll, nll_lo, nll_hi = _interval([c[0] / c[3] for c in cs])
+        d, d_lo, d_hi = _interval([c[0] / c[3] - f[0] / f[3] for c, f in zip(cs, full)])
+        kl, kl_lo, kl_hi = _interval([c[1] / c[3] for c in cs])
+        t1, t1_lo, t1_hi = _interval([c[2] / c[3] for c in cs])
+        rows[name] = {
+            "tokens_scored": n,
+            "ppl": math.exp(sum(c[0] for c in cs) / n),
+            "ppl_ci": [math.exp(nll_lo), math.exp(nll_hi)],
+            "ppl_vs_full_pct": (math.exp(d) - 1) * 100,
+            "ppl_vs_full_ci": [(math.exp(d_lo) - 1) * 100, (math.exp(d_hi) - 1) * 100],
+            "kl": kl, "kl_ci": [kl_lo, kl_hi],
+            "top1": t1, "top1_ci": [t1_lo, t1_hi],
+        }
+    return rows
+
+
+def evaluate_goals(rows: Sequence[Mapping[str, Any]], context: int = GOAL_CONTEXT) -> list[dict[str, Any]]:
+    """The issue's goals at `context`: a layout <= 4.5 bits within 2% of full; one <= 3.5 bits better than q4.
+
+    Each goal names the best qualifying layout, whether it is met and by how much.
     """
-    if tokens < 1:
-        raise ValueError("tokens must be at least 1")
-    engine = Engine(loaded)
-    # The engine never writes the final token of a length-limited answer into the
-    # cache; one token more makes the cache's token log hold all `tokens` we compare.
-    sampling = GREEDY.with_(max_tokens=tokens + 1)
-    answers = []
-    for prompt in prompts:
-        messages: list[Message] = [{"role": "user", "content": prompt}]
-        state = engine.new_state(cache_config)
-        n_prompt = len(engine.encode(messages))
-        for _event in engine.generate(state, messages, sampling):
-            pass
-        answers.append(list(state.tokens[n_prompt : n_prompt + tokens]))
-    return answers
-
-
-def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]], tokens: int) -> float:
-    """Mean share of each answer's first `tokens` ids that match the reference before they first differ.
-
-    Counting stops at the first difference because everything after it is
-    conditioned on a different history: later matches would be coincidence.
-    Two answers that stop (EOS) at the same point after the same ids agree fully.
-    """
-    if len(reference) != len(candidate):
-        raise ValueError("reference and candidate need one answer per prompt each")
-    if not reference:
-        raise ValueError("no prompts to compare")
-    shares = []
-    for ref, got in zip(reference, candidate):
-        a = list(ref[:tokens]) + [-1] * (tokens - len(ref[:tokens]))  # -1: "answer had ended"
-        b = list(got[:tokens]) + [-1] * (tokens - len(got[:tokens]))
-        same = 0
-        while same < tokens and a[same] == b[same]:
-            same += 1
-        shares.append(same / tokens)
-    return sum(shares) / len(shares)
-
-
-def greedy_agreement(
-    loaded: Any,
-    cache_config: CacheConfig,
-    prompts: Sequence[str],
-    tokens: int = AGREEMENT_TOKENS,
-    reference: Sequence[Sequence[int]] | None = None,
-) -> float:
-    """Share of the first `tokens` greedy tokens that match the full cache's, averaged over prompts.
-
-    Args:
-        loaded: a model from :func:`models.load.load_model`.
-        cache_config: the cache layout under test.
-        prompts: user messages, each answered in a fresh chat.
-        tokens: answer tokens compared per prompt.
-        reference: the full cache's :func:`greedy_tokens` for the same prompts,
-            when already computed (saves running it again).
-
-    Returns:
-        A number in [0, 1]; 1.0 means every answer starts with the same `tokens` ids.
-    """
-    if reference is None:
-        reference = greedy_tokens(loaded, CacheConfig(), prompts, tokens)
-    return agreement(reference, greedy_tokens(loaded, cache_config, prompts, tokens), tokens)
-
-
-def evaluate_goals(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The rotation goals, for the rows of :func:`run_quality` that they need.
-
-    Each goal has ``met``, ``margin_pct`` (positive: met by that much,
-    negative: missed by that much) and ``margin``, the same in words.
-    """
-    by_name = {r["name"]: r for r in results}
+    at = [r for r in rows if r["context"] == context]
+    q4 = next((r for r in at if r["name"] == "q4"), None)
     goals = []
-    if "full" in by_name and "rotated q4" in by_name:
-        increase = (by_name["rotated q4"]["ppl"] / by_name["full"]["ppl"] - 1) * 100
+
+    def best(limit: float) -> Mapping[str, Any] | None:
+        fits = [r for r in at if r["name"] != "full" and r["bits"] <= limit + 1e-9]
+        return min(fits, key=lambda r: r["ppl"]) if fits else None
+
+    b = best(4.5)
+    if b is not None:
+        inc = b["ppl_vs_full_pct"]
         goals.append({
-            "goal": f"rotated q4 within {ROTATED_Q4_MAX_PPL_INCREASE_PCT:g}% of full-cache perplexity",
-            "value": f"{increase:+.2f}% vs full",
-            "met": increase <= ROTATED_Q4_MAX_PPL_INCREASE_PCT,
-            "margin_pct": ROTATED_Q4_MAX_PPL_INCREASE_PCT - increase,
-            "margin": (
-                f"{'met' if increase <= ROTATED_Q4_MAX_PPL_INCREASE_PCT else 'missed'} by "
-                f"{abs(ROTATED_Q4_MAX_PPL_INCREASE_PCT - increase):.2f} percentage points"
-            ),
+            "goal": f"a layout at <= 4.5 bits within 2% of full perplexity at {context:,} tokens",
+            "layout": b["name"], "value": f"{inc:+.2f}% at {b['bits']:.2f} bits", "met": inc <= 2.0,
+            "margin": f"{'met' if inc <= 2.0 else 'missed'} by {abs(2.0 - inc):.2f} percentage points",
         })
-    if "q4" in by_name and "rotated q3" in by_name:
-        q4, rq3 = by_name["q4"]["ppl"], by_name["rotated q3"]["ppl"]
-        better = (q4 - rq3) / q4 * 100  # how much lower rotated q3's perplexity is
+    b = best(3.5)
+    if b is not None and q4 is not None:
+        inc = b["ppl_vs_full_pct"]
         goals.append({
-            "goal": "rotated q3 better (lower perplexity) than plain q4",
-            "value": f"{rq3:.3f} vs {q4:.3f}",
-            "met": rq3 < q4,
-            "margin_pct": better,
-            "margin": (
-                f"met: {better:.2f}% lower than q4" if rq3 < q4
-                else f"missed: {-better:.2f}% higher than q4"
-            ),
+            "goal": f"a layout at <= 3.5 bits better than plain q4 at {context:,} tokens (aim: within 5% of full)",
+            "layout": b["name"], "value": f"{inc:+.2f}% vs q4's {q4['ppl_vs_full_pct']:+.2f}%",
+            "met": b["ppl"] < q4["ppl"],
+            "margin": ("met" if b["ppl"] < q4["ppl"] else "missed") + (
+                f"; within the 5% aim by {5.0 - inc:.2f} points" if inc <= 5.0 else f"; {inc - 5.0:.2f} points over the 5% aim"),
         })
     return goals
 
@@ -238,61 +199,54 @@ def run_quality(
     configs: Mapping[str, CacheConfig] | None = None,
     *,
     text: str | None = None,
-    prompts: Sequence[str] | None = None,
+    contexts: Sequence[int] = CONTEXTS,
+    tokens: int = DEFAULT_TOKENS,
     chunk: int = MAX_CHUNK,
-    tokens: int = AGREEMENT_TOKENS,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Perplexity and greedy agreement of each cache layout, and the rotation goals.
+    """The quality table: every layout at every context, with intervals, bits and the goals.
 
     Args:
         loaded: a model from :func:`models.load.load_model`.
-        configs: name -> layout, run in order; default :data:`QUALITY_CONFIGS`.
-            The full float cache is always the reference (added if missing).
+        configs: name -> layout; default :data:`QUALITY_CONFIGS`. "full" is the reference.
         text: the text to score; default :func:`quality_text`.
-        prompts: chat prompts for agreement; default :func:`quality_prompts`.
-            An empty list skips the agreement measure.
-        chunk: tokens per forward pass for perplexity.
-        tokens: answer tokens compared per prompt.
-        progress: called with one line per step.
+        contexts: context lengths (multiples of `chunk`).
+        tokens: how many tokens of the text to read at each context (whole segments).
+        chunk: tokens per forward pass.
+        progress: called with one line per segment.
 
     Returns:
-        A JSON-ready dict: the settings, one result row per layout (``ppl``,
-        ``ppl_vs_full_pct``, ``agreement``, ...) and :func:`evaluate_goals`.
+        A JSON-ready dict with one row per (context, layout) and the goals.
     """
-    say = progress or (lambda _m: None)
     configs = dict(QUALITY_CONFIGS if configs is None else configs)
-    if "full" not in configs:
-        configs = {"full": CacheConfig(), **configs}
-    text = quality_text() if text is None else text
-    prompts = quality_prompts() if prompts is None else list(prompts)
-    reference: list[list[int]] | None = None
+    ids = text_tokens(loaded, quality_text() if text is None else text)
+    limit = loaded.max_context
     rows: list[dict[str, Any]] = []
-    for name in ["full", *[n for n in configs if n != "full"]]:
-        config = configs[name]
-        say(f"{name}: perplexity...")
-        t0 = time.perf_counter()
-        row: dict[str, Any] = {"name": name, **perplexity(loaded, config, text, chunk)}
-        if prompts:
-            say(f"{name}: greedy answers to {len(prompts)} prompts...")
-            answers = greedy_tokens(loaded, config, prompts, tokens)
-            if reference is None:
-                reference = answers  # "full" runs first
-            row["agreement"] = agreement(reference, answers, tokens)
-            row["identical_answers"] = sum(a[:tokens] == r[:tokens] for a, r in zip(answers, reference))
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
-    full_ppl = rows[0]["ppl"]
-    for row in rows:
-        row["ppl_vs_full_pct"] = (row["ppl"] / full_ppl - 1) * 100
+    t0 = time.perf_counter()
+    # Every layout's prefill through one attention path (see segment_every_quantized_cache).
+    segment_every_quantized_cache(True)
+    try:
+        for context in contexts:
+            if limit and context > limit:
+                raise ValueError(f"a context of {context:,} tokens is beyond the model's {limit:,}")
+            segments = min(tokens, len(ids) - 1) // context
+            if segments < 1:
+                raise ValueError(f"the text has {len(ids):,} tokens: too few for one segment of {context:,}")
+            stats = summarize(score_context(loaded, configs, ids, context, segments, chunk, progress))
+            for name, s in stats.items():
+                cfg = configs.get(name, CacheConfig())
+                rows.append({"context": context, "segments": segments, "name": name, "cache": cfg.label(),
+                             "config": cfg.to_dict(), "bits": effective_bits(loaded.kv_shape, cfg, context), **s})
+    finally:
+        segment_every_quantized_cache(False)
     return {
         "benchmark": "quality",
         "model": loaded.name,
-        "text_tokens": rows[0]["tokens"] + 1,
+        "text_tokens": len(ids),
+        "tokens_per_context": tokens,
         "chunk": chunk,
-        "prompts": len(prompts),
-        "answer_tokens": tokens,
         "device": str(mx.default_device()),
+        "seconds": time.perf_counter() - t0,
         "results": rows,
         "goals": evaluate_goals(rows),
     }

@@ -33,7 +33,8 @@ def test_ask_json_on_tiny_model(tiny_model_dirs, tmp_path):
     for key in ("prompt_tokens", "reused_tokens", "prefilled_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s", "generated_tokens"):
         assert key in out["stats"]
     cache = out["stats"]["cache"]
-    assert cache["kind"] == "full" and cache["bits"] == 4 and cache["tokens"] > 0
+    # --kv-bits 4 alone is the kv4 preset: 4-bit keys, 3-bit values (see app/cli/kv_flags.py)
+    assert cache["kind"] == "full" and cache["bits"] == [4, 3] and cache["tokens"] > 0
     assert 0 < cache["bytes_used"] <= cache["bytes_allocated"]
     assert "Traceback" not in r.stderr
 
@@ -100,16 +101,31 @@ def test_info_json(tiny_model_dirs, tmp_path):
     window = info["max_window_in_budget"]["rotating"]
     assert window == max_window_in_budget(shape, CacheConfig(kind="rotating"), 4 << 20) and 0 < window < 1020
     assert info["max_window_in_budget"]["rotating-q4"] > window
+    from mlx_cache.presets import PRESETS
+
+    presets = {p["name"]: p for p in info["kv_presets"]}
+    assert list(presets) == list(PRESETS)
+    for name, p in PRESETS.items():
+        assert presets[name]["max_context_in_budget"] == max_context(shape, p.config, 4 << 20) > 0
+        assert presets[name]["measured"]["bits"] == p.bits
 
 
 def test_bench_quality_runs_from_the_command_line(tiny_model_dirs, tmp_path):
-    r = kvchat("bench", "quality", "-m", str(tiny_model_dirs["llama"]), "--chunk", "0", home=tmp_path)
-    assert r.returncode == 2 and "--chunk" in r.stderr and "Traceback" not in r.stderr
-    # The tiny test tokenizer spells the shipped text in more tokens than the
-    # tiny model's context: the benchmark says so in one sentence.
-    r = kvchat("bench", "quality", "-m", str(tiny_model_dirs["llama"]), "--prompts", "0", home=tmp_path)
+    model = str(tiny_model_dirs["llama"])
+    r = kvchat("bench", "quality", "-m", model, "--contexts", "100", home=tmp_path)
+    assert r.returncode == 2 and "--contexts" in r.stderr and "Traceback" not in r.stderr
+    # Beyond the tiny model's context (4,096): one sentence, exit code 2.
+    r = kvchat("bench", "quality", "-m", model, "--contexts", "8192", "--layouts", "q4", home=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "context" in r.stderr.splitlines()[-1]
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    r = kvchat("bench", "quality", "-m", model, "--contexts", "128", "--tokens", "512", "--layouts", "q4",
+               "--text", str(text), "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["text_tokens"] == 540 and [row["name"] for row in out["results"]] == ["full", "q4"]
+    assert all(row["segments"] == 4 for row in out["results"])
 
 
 def test_session_commands_export_fork_and_keep_settings(tiny_model_dirs, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_cache import CacheConfig
 from models.chat import Chat
-from models.engine import BudgetExceeded, Engine, EngineError, Finished, TextDelta
+from models.engine import BudgetExceeded, Engine, EngineError, TextDelta
 from models.sample import GREEDY, SamplingConfig
 
 

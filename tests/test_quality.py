@@ -1,11 +1,9 @@
-"""The quality benchmark: perplexity through a cache, greedy agreement, goals, CLI."""
+"""The quality benchmark: lockstep scoring against the full cache, intervals, bits, goals, CLI."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
-from typing import Any
 
 import mlx.core as mx
 import pytest
@@ -13,154 +11,128 @@ import pytest
 from mlx_cache import CacheConfig
 from models.quality import (
     QUALITY_CONFIGS,
-    agreement,
     evaluate_goals,
-    greedy_agreement,
-    perplexity,
-    quality_prompts,
     quality_text,
     run_quality,
+    score_context,
+    summarize,
     text_tokens,
 )
 
-# ~700 byte-level tokens with the tiny models' tokenizer: 11 chunks of 64
-TEXT = quality_text()[:700]
+# ~1,100 byte-level tokens with the tiny models' tokenizer
+TEXT = quality_text()[:1100]
 
 
-class CountingModel:
-    """Wraps a model and records the length of every forward pass."""
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.lengths: list[int] = []
-
-    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
-        self.lengths.append(inputs.shape[1])
-        return self._model(inputs, cache=cache)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+def no_cache_logprobs(loaded, ids: list[int]) -> mx.array:
+    logits = loaded.model(mx.array(ids)[None])[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def no_cache_nll(loaded: Any, text: str) -> float:
-    """Mean next-token NLL of `text` from one forward pass without any cache."""
-    ids = mx.array(text_tokens(loaded, text))
-    logits = loaded.model(ids[None])[0, :-1].astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -mx.take_along_axis(logprobs, ids[1:, None], axis=-1).mean().item()
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_full_cache_perplexity_in_chunks_equals_one_pass_without_cache(tiny_models, arch):
-    loaded = tiny_models[arch]
-    counting = CountingModel(loaded.model)
-    result = perplexity(dataclasses.replace(loaded, model=counting), CacheConfig(), TEXT, chunk=64)
-    n = len(text_tokens(loaded, TEXT))
-    assert result["tokens"] == n - 1
-    assert max(counting.lengths) == 64 and sum(counting.lengths) == n - 1  # chunked, every token once
-    assert len(counting.lengths) == math.ceil((n - 1) / 64)
-    reference = no_cache_nll(loaded, TEXT)
-    assert result["nll"] == pytest.approx(reference, rel=1e-4)
-    assert result["ppl"] == pytest.approx(math.exp(reference), rel=1e-4)
-
-
-def test_quantized_perplexity_is_finite_and_q8_is_closer_to_full_than_q3(tiny_models):
+def test_full_cache_scores_equal_one_pass_without_cache(tiny_models):
     loaded = tiny_models["llama"]
-    full = perplexity(loaded, CacheConfig(), TEXT)["nll"]
-    q8 = perplexity(loaded, QUALITY_CONFIGS["q8"], TEXT)["nll"]
-    q3 = perplexity(loaded, QUALITY_CONFIGS["q3"], TEXT)["nll"]
-    rq3 = perplexity(loaded, QUALITY_CONFIGS["rotated q3"], TEXT)["nll"]
-    assert all(math.isfinite(x) for x in (q8, q3, rq3))
-    assert abs(q8 - full) < abs(q3 - full)
+    ids = text_tokens(loaded, TEXT)
+    context = 256
+    chunks = score_context(loaded, {}, ids, context, segments=2)["full"]
+    assert len(chunks) == 2 * (context // 2) // 64  # the second half of each segment, in 64-token chunks
+    nll = 0.0
+    for seg in range(2):
+        seg_ids = ids[seg * context : seg * context + context + 1]
+        lp = no_cache_logprobs(loaded, seg_ids[:-1])
+        targets = mx.array(seg_ids[1:])[:, None]
+        nll -= mx.take_along_axis(lp, targets, axis=-1)[context // 2 :].sum().item()
+    assert sum(c[0] for c in chunks) == pytest.approx(nll, rel=1e-4)
+    assert all(c[1] == 0.0 and c[2] == c[3] == 64 for c in chunks)  # full vs itself: no KL, full agreement
 
 
-def test_perplexity_rejects_bad_input(tiny_models):
+def test_quantized_layouts_diverge_from_full_and_q8_less_than_q3(tiny_models):
     loaded = tiny_models["llama"]
-    with pytest.raises(ValueError):
-        perplexity(loaded, CacheConfig(), TEXT, chunk=0)
-    with pytest.raises(ValueError):
-        perplexity(loaded, CacheConfig(), "a")
+    ids = text_tokens(loaded, TEXT)
+    configs = {"q8": CacheConfig(k_bits=8, v_bits=8), "q3": CacheConfig(k_bits=3, v_bits=3),
+               "kv3": QUALITY_CONFIGS["preset kv3"]}
+    rows = summarize(score_context(loaded, configs, ids, 256, segments=2))
+    assert rows["full"]["ppl_vs_full_pct"] == 0.0 and rows["full"]["kl"] == 0.0 and rows["full"]["top1"] == 1.0
+    assert 0 < rows["q8"]["kl"] < rows["q3"]["kl"]
+    assert rows["q3"]["top1"] < 1.0
+    for r in rows.values():
+        lo, hi = r["ppl_ci"]
+        assert lo <= r["ppl"] <= hi * 1.0001 and math.isfinite(r["kl"])
+        assert r["ppl_vs_full_ci"][0] <= r["ppl_vs_full_pct"] <= r["ppl_vs_full_ci"][1]
 
 
-def test_greedy_agreement_of_full_cache_with_itself_is_one(tiny_models):
-    loaded = tiny_models["qwen2"]
-    prompts = ["What is 2 + 2?", "Name a colour."]
-    assert greedy_agreement(loaded, CacheConfig(), prompts, tokens=8) == 1.0
-
-
-def test_agreement_counts_up_to_the_first_difference():
-    assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]], tokens=4) == 0.5  # the 4 after the split is luck
-    assert agreement([[1, 2], [5]], [[1, 2], [6]], tokens=4) == 0.5  # same early stop: full agreement
-    assert agreement([[1, 2]], [[1, 2, 3]], tokens=4) == 0.5  # one answer ended, the other went on
-    assert agreement([[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 6]], tokens=4) == 1.0  # only the first 4 count
-    with pytest.raises(ValueError):
-        agreement([[1]], [], tokens=4)
-
-
-def test_run_quality_reports_every_layout_against_full(tiny_models):
+def test_score_context_rejects_what_it_cannot_read(tiny_models):
     loaded = tiny_models["llama"]
-    configs = {"q8": QUALITY_CONFIGS["q8"], "rotated q4": QUALITY_CONFIGS["rotated q4"]}
-    result = run_quality(loaded, configs, text=TEXT, prompts=["Hi"], tokens=4)
-    names = [r["name"] for r in result["results"]]
-    assert names == ["full", "q8", "rotated q4"]  # the full reference is added and runs first
-    full = result["results"][0]
-    assert full["ppl_vs_full_pct"] == 0.0 and full["agreement"] == 1.0 and full["identical_answers"] == 1
-    assert [g["goal"].split()[1] for g in result["goals"]] == ["q4"]  # q4 vs rotated q3 needs both rows
+    ids = text_tokens(loaded, TEXT)
+    with pytest.raises(ValueError):
+        score_context(loaded, {}, ids, 100, segments=1)  # not a multiple of the chunk
+    with pytest.raises(ValueError):
+        score_context(loaded, {}, ids, 1024, segments=2)  # longer than the text
 
 
-def test_goals_pass_and_miss_with_margins():
+def test_run_quality_rows_carry_bits_and_the_full_reference(tiny_models):
+    loaded = tiny_models["llama"]
+    configs = {"q4": QUALITY_CONFIGS["q4"], "preset kv4": QUALITY_CONFIGS["preset kv4"]}
+    result = run_quality(loaded, configs, text=TEXT, contexts=(256,), tokens=512)
+    rows = result["results"]
+    assert [r["name"] for r in rows] == ["full", "q4", "preset kv4"]
+    assert all(r["segments"] == 2 and r["tokens_scored"] == 256 for r in rows)
+    assert rows[0]["bits"] == 16.0 and rows[1]["bits"] == 4.5
+    # kv4: 4-bit keys (4.5), 3-bit values (3.5), and 4 + 96 float rows over 256 tokens
+    assert rows[2]["bits"] == pytest.approx(4.0 + 100 * 16 / 256)
+
+
+def test_goals_pick_the_best_layout_under_each_bit_limit():
     rows = [
-        {"name": "full", "ppl": 10.0},
-        {"name": "q4", "ppl": 12.0},
-        {"name": "rotated q4", "ppl": 10.1},
-        {"name": "rotated q3", "ppl": 12.6},
+        {"context": 4096, "name": "full", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 16.0},
+        {"context": 4096, "name": "q4", "ppl": 12.0, "ppl_vs_full_pct": 20.0, "bits": 4.5},
+        {"context": 4096, "name": "a", "ppl": 10.15, "ppl_vs_full_pct": 1.5, "bits": 4.4},
+        {"context": 4096, "name": "b", "ppl": 11.0, "ppl_vs_full_pct": 10.0, "bits": 3.4},
+        {"context": 2048, "name": "c", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 3.0},  # other context
     ]
     within, better = evaluate_goals(rows)
-    assert within["met"] and within["margin_pct"] == pytest.approx(1.0)
-    assert not better["met"] and better["margin_pct"] == pytest.approx(-5.0)
-    assert "missed" in better["margin"]
+    assert within["met"] and within["layout"] == "a"
+    assert better["met"] and better["layout"] == "b" and "5.00 points over" in better["margin"]
+    rows[3]["ppl"] = 12.5
+    assert not evaluate_goals(rows)[1]["met"]
 
 
-def test_bench_quality_rejects_bad_flags_before_loading_a_model():
+def parser() -> argparse.ArgumentParser:
     from app.cli.bench import add_bench_parser
+
+    p = argparse.ArgumentParser()
+    add_bench_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+@pytest.mark.parametrize("flags", [["--contexts", "100"], ["--contexts", "x"], ["--contexts", "64"],
+                                   ["--tokens", "10"], ["--layouts", "q5"], ["--text", "/nonexistent/file.txt"]])
+def test_bench_quality_rejects_bad_flags_before_loading_a_model(flags):
     from app.cli.flags import UserError
 
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="command"))
-    for flags in (["--chunk", "65"], ["--chunk", "0"], ["--prompts", "21"], ["--prompts", "-1"]):
-        args = parser.parse_args(["bench", "quality", *flags])
-        with pytest.raises(UserError):
-            args.handler(args)
+    args = parser().parse_args(["bench", "quality", *flags])
+    with pytest.raises(UserError):
+        args.handler(args)
 
 
 def test_bench_cli_defaults_match_the_benchmark():
     import app.cli.bench as cli
     import models.quality as quality
 
-    assert (cli.MAX_CHUNK, cli.AGREEMENT_TOKENS) == (quality.MAX_CHUNK, quality.AGREEMENT_TOKENS)
+    assert (cli.MAX_CHUNK, cli.CONTEXTS, cli.DEFAULT_TOKENS) == (quality.MAX_CHUNK, quality.CONTEXTS, quality.DEFAULT_TOKENS)
 
 
-def test_bench_quality_table_shows_goals(tiny_models):
+def test_bench_quality_table_shows_intervals_and_goals(tiny_models):
     from app.cli.bench import format_quality
 
     loaded = tiny_models["llama"]
-    result = run_quality(loaded, {"q4": QUALITY_CONFIGS["q4"], "rotated q3": QUALITY_CONFIGS["rotated q3"]},
-                         text=TEXT, prompts=["Hi"], tokens=4)
+    result = run_quality(loaded, {"q4": QUALITY_CONFIGS["q4"]}, text=TEXT, contexts=(256,), tokens=256)
+    result["goals"] = evaluate_goals([dict(r, context=4096) for r in result["results"]])
     table = format_quality(result)
-    assert "rotated q3" in table and "perplexity" in table
-    assert ("PASS" in table) != ("MISS" in table)  # exactly one goal applies here
-
-
-def test_shipped_prompts_are_twenty_distinct_strings():
-    prompts = quality_prompts()
-    assert len(prompts) == 20 and len(set(prompts)) == 20
+    assert "q4" in table and "[95%]" in table and ("PASS" in table or "MISS" in table)
 
 
 @pytest.mark.real_model
-def test_shipped_text_is_at_least_2000_tokens_with_the_embedded_tokenizer():
+def test_shipped_text_holds_at_least_16k_tokens_with_the_embedded_tokenizer():
     from models.load import load_model
 
     loaded = load_model(None)
-    n = len(text_tokens(loaded, quality_text()))
-    assert n >= 2000
-    assert loaded.max_context is None or n <= loaded.max_context
+    assert len(text_tokens(loaded, quality_text())) >= 16384

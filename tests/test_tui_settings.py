@@ -174,3 +174,22 @@ async def test_model_picker_stays_open_on_a_path_with_nothing_there(home, tiny, 
         assert app.screen.query_one(Input).value == missing
         assert "Nothing at" in str(app.screen.query_one(".dialog-hint", Static).render())
         assert screen.loaded is not None and not screen.preparing
+
+
+@sync
+async def test_settings_preset_fills_the_kv_fields_and_is_saved(home, tiny):
+    from textual.widgets import Input, Select
+
+    from mlx_cache.presets import PRESETS
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        app.screen.query_one("#preset", Select).value = "kv3"
+        fp_window = app.screen.query_one("#fp_window", Input)
+        await until(pilot, lambda: fp_window.value == str(PRESETS["kv3"].config.fp_window))
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+    data = json.loads(settings_path().read_text())
+    assert data["cache"] == PRESETS["kv3"].config.to_dict()

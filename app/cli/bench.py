@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-# The same values as models.quality's MAX_CHUNK and AGREEMENT_TOKENS (a test
-# checks): importing that module here would load MLX for every `kvchat` command.
+# The same values as models.quality's (a test checks): importing that module
+# here would load MLX for every `kvchat` command.
 MAX_CHUNK = 64
-AGREEMENT_TOKENS = 32
+CONTEXTS = (2048, 4096, 8192)
+DEFAULT_TOKENS = 16384
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -19,21 +21,41 @@ def add_bench_parser(sub: Any) -> None:
 
     q = bs.add_parser(
         "quality",
-        help="perplexity and greedy-answer agreement of full, q8, q4, q3 and rotated caches",
+        help="perplexity, KL and top-1 agreement of each KV layout against the full cache",
         description=(
-            "Reads a shipped public-domain English text (2,705 SmolLM2 tokens) through each cache layout in chunks "
-            f"(so later chunks attend over quantized keys and values) and compares the first "
-            f"{AGREEMENT_TOKENS} greedy answer tokens of fixed chat prompts with the full cache's."
+            "Reads a text (by default a shipped public-domain novel) through the full cache and every layout "
+            f"under test in chunks of {MAX_CHUNK} tokens, in segments of each context length, and scores the "
+            "second half of each segment: perplexity, its change against the full cache, mean KL divergence "
+            "from the full cache's next-token distribution and top-1 agreement, with 95% intervals, and the "
+            "effective bits per element of each layout."
         ),
     )
     q.add_argument("--model", "-m", dest="sub_model", metavar="MODEL",
                    help="model (default: the embedded SmolLM2-135M-Instruct)")
     q.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    q.add_argument("--chunk", type=int, default=MAX_CHUNK,
-                   help=f"tokens per forward pass while scoring the text, 1-{MAX_CHUNK} (default {MAX_CHUNK})")
-    q.add_argument("--prompts", type=int, default=None,
-                   help="how many of the 20 fixed prompts to answer (default all; 0 skips agreement)")
+    q.add_argument("--text", metavar="FILE", help="score this UTF-8 text file instead of the shipped one")
+    q.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), metavar="N,N",
+                   help=f"context lengths, multiples of {MAX_CHUNK} (default {','.join(map(str, CONTEXTS))})")
+    q.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                   help=f"tokens of the text read at each context, in whole segments (default {DEFAULT_TOKENS:,})")
+    q.add_argument("--layouts", metavar="NAME,NAME",
+                   help="only these rows of the table (default all; 'full' always runs)")
     q.set_defaults(handler=cmd_quality)
+
+
+def _contexts(text: str) -> tuple[int, ...]:
+    from .flags import UserError
+
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 2 * MAX_CHUNK or v % MAX_CHUNK for v in values):
+        raise UserError(
+            f"--contexts must be a comma-separated list of multiples of {MAX_CHUNK} from {2 * MAX_CHUNK} up, "
+            f"such as 2048,4096, not {text!r}."
+        )
+    return values
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
@@ -45,63 +67,56 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     from .flags import UserError, merged
     from .loading import load
-    from models.quality import QUALITY_CONFIGS, quality_prompts, run_quality
 
-    chunk = args.chunk
-    if not 1 <= chunk <= MAX_CHUNK:
-        raise UserError(
-            f"--chunk must be between 1 and {MAX_CHUNK} tokens: the benchmark reads the text through "
-            "the cache in small steps, the way a chat uses it."
-        )
-    prompts = quality_prompts()
-    n = len(prompts) if args.prompts is None else args.prompts
-    if not 0 <= n <= len(prompts):
-        raise UserError(f"--prompts must be between 0 and {len(prompts)}.")
+    contexts = _contexts(args.contexts)
+    if args.tokens < min(contexts):
+        raise UserError(f"--tokens must be at least the shortest context ({min(contexts):,}).")
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not UTF-8 text"
+            raise UserError(f"Cannot read --text {args.text} ({reason}): give a UTF-8 text file.") from None
+    from models.quality import QUALITY_CONFIGS, run_quality
+
+    configs = dict(QUALITY_CONFIGS)
+    if args.layouts:
+        names = [n.strip() for n in args.layouts.split(",") if n.strip()]
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise UserError(f"Unknown layout {unknown[0]!r}: choose from {', '.join(repr(n) for n in configs)}.")
+        configs = {n: configs[n] for n in names}
     loaded = load(merged(args, "model"))
-    head_dim = loaded.kv_shape.head_dim
-    if head_dim % 64 or head_dim & (head_dim - 1):
-        raise UserError(
-            f"This model's head dimension is {head_dim}: the benchmark's caches need a power of two "
-            "that is a multiple of 64 (group size 64, Hadamard rotation)."
-        )
     try:
-        result = run_quality(loaded, QUALITY_CONFIGS, prompts=prompts[:n], chunk=chunk, progress=to_stderr)
-    except ValueError as e:  # e.g. the text does not fit the model's context
-        raise UserError(f"Cannot run the quality benchmark on this model: {e}.") from None
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_quality(result))
+        result = run_quality(loaded, configs, text=text, contexts=contexts, tokens=args.tokens, progress=to_stderr)
+    except ValueError as e:  # e.g. the text is too short, or the model's context too small
+        raise UserError(f"Cannot run the quality benchmark: {e}.") from None
+    print(json.dumps(result) if args.json else format_quality(result))
     return 0
+
+
+def _ci(lo_hi: list[float], fmt: str) -> str:
+    return f"[{format(lo_hi[0], fmt)}, {format(lo_hi[1], fmt)}]"
 
 
 def format_quality(result: dict[str, Any]) -> str:
     """The quality result as a plain-text table followed by the goals."""
-    has_agreement = bool(result["prompts"])
     lines = [
-        f"KV cache quality on {result['model']}: {result['text_tokens']:,}-token text in chunks of "
-        f"{result['chunk']}"
-        + (f"; {result['prompts']} prompts x {result['answer_tokens']} greedy tokens" if has_agreement else ""),
+        f"KV cache quality on {result['model']}: {result['text_tokens']:,}-token text, up to "
+        f"{result['tokens_per_context']:,} tokens per context in chunks of {result['chunk']}; second half of each "
+        "segment scored; [95% intervals]",
         "",
+        f"{'context':>7} {'cache':<22} {'bits':>5} {'perplexity':>10} {'vs full':>8} {'[95%]':>17} "
+        f"{'KL':>8} {'top-1':>7}",
     ]
-    header = f"{'cache':<12} {'perplexity':>10} {'vs full':>9}"
-    if has_agreement:
-        header += f" {'agreement':>10} {'identical':>10}"
-    lines.append(header)
-    for row in result["results"]:
-        line = f"{row['name']:<12} {row['ppl']:>10.3f} {row['ppl_vs_full_pct']:>+8.2f}%"
-        if has_agreement:
-            line += f" {row['agreement'] * 100:>9.1f}% {row['identical_answers']:>4}/{result['prompts']:<5}"
-        lines.append(line.rstrip())
+    for r in result["results"]:
+        lines.append(
+            f"{r['context']:>7,} {r['name']:<22} {r['bits']:>5.2f} {r['ppl']:>10.3f} {r['ppl_vs_full_pct']:>+7.2f}% "
+            f"{_ci(r['ppl_vs_full_ci'], '+.2f'):>17} {r['kl']:>8.4f} {r['top1'] * 100:>6.1f}%"
+        )
     if result["goals"]:
         lines += ["", "goals:"]
         for g in result["goals"]:
-            verdict = "PASS" if g["met"] else "MISS"
-            lines.append(f"  {verdict}  {g['goal']}: {g['value']} ({g['margin']})")
-    if has_agreement:
-        lines += [
-            "",
-            "agreement: share of each answer's first tokens equal to the full cache's, up to the first "
-            "difference; identical: answers equal in all of them.",
-        ]
+            lines.append(f"  {'PASS' if g['met'] else 'MISS'}  {g['goal']}: {g['layout']}, {g['value']} ({g['margin']})")
     return "\n".join(lines)

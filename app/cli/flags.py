@@ -12,6 +12,8 @@ from typing import Any, Callable, NoReturn
 
 from mlx_cache.numbers import MAX_TOKEN_COUNT, parse_number
 
+from .kv_flags import KV_QUALITY_FLAGS, add_kv_quality_args, apply_kv_quality_flags
+
 EXIT_USAGE = 2
 
 
@@ -76,13 +78,15 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-keep-fp", type=number("--kv-keep-fp", 0, MAX_TOKEN_COUNT, integer=True),
                    help="leading tokens kept unquantized")
     g.add_argument("--kv-rotate", action="store_true", default=None, help="Hadamard-rotate K/V before quantizing")
+    add_kv_quality_args(g, number, MAX_TOKEN_COUNT)
     g.add_argument("--kv-budget", type=size("--kv-budget"),
                    help="KV memory budget such as 2GB (default: what the device can spare)")
     g.add_argument("--on-budget", choices=["rotate", "refuse"], default=None,
                    help="when a chat would exceed the budget: switch to a rotating window, or refuse")
 
 
-CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate")
+CACHE_FLAGS = ("cache", "window", "sinks", "kv_bits", "k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate",
+               *KV_QUALITY_FLAGS)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +142,7 @@ def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
     if getattr(args, "kv_rotate", None):
         fields["rotate"] = True
     try:
-        return CacheConfig.from_dict(fields)
+        return CacheConfig.from_dict(apply_kv_quality_flags(args, fields))
     except CacheConfigError as e:
         raise UserError(str(e)) from None
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from .flags import kv_budget_from, merged, size
+from .kv_flags import format_preset_rows, preset_rows
 from .loading import load
 
 
@@ -50,6 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["kv_budget_bytes"] = budget
     info["max_context_in_budget"] = fits
     info["max_window_in_budget"] = windows
+    info["kv_presets"] = preset_rows(loaded.kv_shape, budget, loaded.max_context)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -77,4 +79,5 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             shown = f"{n:,} tokens"
         print(f"{label:>16}  {shown}")
+    print("\n".join(format_preset_rows(info["kv_presets"])))
     return 0

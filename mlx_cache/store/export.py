@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import mlx.core as mx
 
 from ..config import CacheConfig
+from ..kinds import make_layer_cache
 from ..quantize import Codec
 from . import durable, tensorfile
 from .errors import StoreError, check_name
@@ -196,11 +197,19 @@ def _mlx_lm_state(name: str, spec: dict[str, Any], layer: Layer) -> tuple[str, A
     cfg = CacheConfig.from_dict(spec["config"])
     if not layer.offset:
         raise StoreError(f"Session {name!r} has an empty layer: there is nothing to export yet.")
-    native_q = cfg.k_bits is not None and cfg.k_bits == cfg.v_bits and not cfg.rotate and not layer.fp_head
+    native_q = (cfg.k_bits is not None and cfg.k_bits == cfg.v_bits and not cfg.rotate and not layer.fp_head
+                and not cfg.segmented)
     if layer.kind == "blocks" and native_q:
         return "QuantizedKVCache", (layer.keys, layer.values, layer.offset, cfg.group_size, cfg.k_bits)
-    keys = _decoded(Codec(cfg.k_bits, cfg.group_size, cfg.rotate), layer.keys, layer.dtype, layer.fp_head, 0)
-    values = _decoded(Codec(cfg.v_bits, cfg.group_size, cfg.rotate), layer.values, layer.dtype, layer.fp_head, 1)
+    if cfg.segmented:
+        # the float window lives in the cache's own state: let the cache decode itself
+        cache = make_layer_cache(cfg)
+        cache.load_planes(layer.keys, layer.values, layer.offset, layer.dtype, float_head=layer.fp_head,
+                          extras=layer.extras)
+        keys, values = cache.float_kv()  # type: ignore[misc]
+    else:
+        keys = _decoded(Codec(cfg.k_bits, cfg.group_size, cfg.rotate), layer.keys, layer.dtype, layer.fp_head, 0)
+        values = _decoded(Codec(cfg.v_bits, cfg.group_size, cfg.rotate), layer.values, layer.dtype, layer.fp_head, 1)
     if layer.kind == "blocks":
         return "KVCache", (keys, values, layer.offset)
     held = keys.shape[2]

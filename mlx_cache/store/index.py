@@ -221,6 +221,7 @@ def validate(index: dict[str, Any], version: int) -> None:
         _config(layer["config"], f"{what}'s config")
         _need(_int(layer["offset"]) and _int(layer["held"], 0, layer["offset"]), f"{what} has bad token counts")
         _need(_int(layer["fp_tokens"]), f"{what} has a bad float-head length")
+        _need(_int(layer.get("fp_tail", 0), 0, layer["held"]), f"{what} has a bad float-window length")
         _need(layer["dtype"] is None or layer["dtype"] in FLOAT_DTYPES, f"{what} has an unknown dtype")
         _need(layer["dtype"] is not None or layer["offset"] == 0, f"{what} holds tokens but names no dtype")
     _need(isinstance(kv["blocks"], list), "kv.blocks is not a list")

@@ -44,6 +44,28 @@ class Layer:
     values: tuple[mx.array, ...] = ()
     fp_head: tuple[mx.array, mx.array] | None = None  # float copies of the leading tokens (keep_fp)
     state: Any = None
+    extras: dict[str, tuple[mx.array, mx.array]] | None = None  # the float tail (see FloatParts.extras)
+
+
+#: Snapshot tensor names of a layer's extras: name -> (key tensor suffix, value tensor suffix).
+EXTRA_TENSORS = {"tail": ("kt", "vt")}
+
+
+def put_extras(arrays: dict[str, mx.array], i: int, extras: dict[str, tuple[mx.array, mx.array]]) -> None:
+    for name, (ks, vs) in EXTRA_TENSORS.items():
+        if name in extras:
+            arrays[f"{i}.{ks}"], arrays[f"{i}.{vs}"] = extras[name]
+
+
+def pop_extras(arrays: dict[str, mx.array], i: int, spec: dict[str, Any], dtype: mx.Dtype | None
+               ) -> dict[str, tuple[mx.array, mx.array]]:
+    """The extras a layer's index entry names, popped from the snapshot's tensors."""
+    out = {}
+    wanted = {"tail": bool(spec.get("fp_tail"))}
+    for name, (ks, vs) in EXTRA_TENSORS.items():
+        if wanted[name]:
+            out[name] = (_cast(arrays.pop(f"{i}.{ks}"), dtype), _cast(arrays.pop(f"{i}.{vs}"), dtype))
+    return out
 
 
 def flatten_state(obj: Any, layer: int, arrays: dict[str, mx.array] | None, path: str = "s") -> Any:
@@ -99,6 +121,7 @@ def describe(name: str, caches: Sequence[Any], n_tokens: int) -> list[dict[str, 
                 "this is a bug, please report it."
             )
         head = c.float_head() if offset else None
+        extras = c.extras() if offset else {}
         out.append(
             {
                 "kind": kind,
@@ -108,6 +131,7 @@ def describe(name: str, caches: Sequence[Any], n_tokens: int) -> list[dict[str, 
                 "dtype": dtype_name(c.dtype) if offset and c.dtype is not None else None,
                 "fp_tokens": head[0].shape[2] if head is not None else 0,
                 "held": c.tokens if offset else 0,
+                "fp_tail": extras["tail"][0].shape[2] if "tail" in extras else 0,
             }
         )
     return out
@@ -130,6 +154,9 @@ def snapshot_arrays(caches: Sequence[Any], layers: list[dict[str, Any]]) -> dict
     for i, (c, layer) in enumerate(zip(caches, layers)):
         if layer["kind"] == "window" and layer["offset"]:
             put_planes(arrays, i, c.temporal_planes(), c.float_head())
+        if layer["kind"] in ("window", "blocks") and layer["offset"]:
+            # the float tail changes every turn: saved whole, like a window
+            put_extras(arrays, i, c.extras())
         elif layer["kind"] == "state":
             flatten_state(c.state, i, arrays)
     return arrays
@@ -150,14 +177,15 @@ def checkpoint_arrays(caches: Sequence[Any], layers: list[dict[str, Any]], check
             return None
         offsets.append(cp.offset)
         if layer["kind"] == "blocks":
-            if cp.offset != position:
-                return None
+            if cp.offset != position or cp.state.get("fp_tail") is not None:
+                return None  # the blocks hold the codes, not the float copies of that moment
             continue  # the blocks already hold these tokens
         scratch = RotatingKVCache(c.config)
         scratch.restore(cp)
         planes = scratch.temporal_planes()
         if planes is not None:
             put_planes(arrays, i, planes, scratch.float_head())
+            put_extras(arrays, i, scratch.extras())
     return position, offsets, arrays
 
 
@@ -178,7 +206,7 @@ def fill(c: Any, layer: Layer) -> None:
     elif not layer.offset:
         c.reset()
     else:
-        c.load_planes(layer.keys, layer.values, layer.offset, layer.dtype, float_head=layer.fp_head)
+        c.load_planes(layer.keys, layer.values, layer.offset, layer.dtype, float_head=layer.fp_head, extras=layer.extras)
 
 
 def window_layer(i: int, spec: dict[str, Any], arrays: dict[str, mx.array], dtype: mx.Dtype | None) -> Layer:
@@ -190,6 +218,7 @@ def window_layer(i: int, spec: dict[str, Any], arrays: dict[str, mx.array], dtyp
         layer.values = tuple(_cast(arrays.pop(f"{i}.v.{j}"), dtype) for j in range(n_planes(cfg.v_bits)))
         if spec["fp_tokens"]:
             layer.fp_head = (_cast(arrays.pop(f"{i}.kfp"), dtype), _cast(arrays.pop(f"{i}.vfp"), dtype))
+        layer.extras = pop_extras(arrays, i, spec, dtype)
     return layer
 
 
@@ -211,9 +240,10 @@ def build_checkpoint(caches: Sequence[Any], layers: list[Layer], arrays: dict[st
                 scratch.load_planes(layer.keys, layer.values, offset, layer.dtype, float_head=layer.fp_head)
         elif layer.kind == "window":
             if f"{i}.k.0" in arrays:
-                spec = dict(stored[i], offset=offset, fp_tokens=1 if f"{i}.kfp" in arrays else 0)
+                spec = dict(stored[i], offset=offset, fp_tokens=1 if f"{i}.kfp" in arrays else 0,
+                            fp_tail=f"{i}.kt" in arrays)
                 w = window_layer(i, spec, arrays, layer.dtype)
-                scratch.load_planes(w.keys, w.values, offset, layer.dtype, float_head=w.fp_head)
+                scratch.load_planes(w.keys, w.values, offset, layer.dtype, float_head=w.fp_head, extras=w.extras)
         else:
             return None
         out.append(scratch.checkpoint())

@@ -27,7 +27,7 @@ from ..config import CacheConfig
 from . import hostmem, tensorfile
 from .errors import StoreError, corrupt
 from .index import BLOCK_TOKENS, checksum_of, kv_dtype_of, packs_of
-from .layers import Layer, check_layer, n_planes, unflatten_state, window_layer
+from .layers import Layer, check_layer, n_planes, pop_extras, unflatten_state, window_layer
 from .hostmem import dtype_name
 from .packs import info_of
 from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header
@@ -336,6 +336,8 @@ def read_layers(
                     layer.values = tuple(planes.pop(f"{i}.v.{j}") for j in range(n_planes(cfg.v_bits)))
                     if min(spec["fp_tokens"], n_tokens):
                         layer.fp_head = (planes.pop(f"{i}.kfp"), planes.pop(f"{i}.vfp"))
+                    if n_blocks is None:  # a lent prefix has no tail of its own: the cache rebuilds one
+                        layer.extras = pop_extras(snapshot, i, spec, target)
                 check_layer(layer, spec, n_tokens)
             mx.eval(*layer.keys, *layer.values, *(layer.fp_head or ()))
             layers.append(layer)

@@ -13,11 +13,23 @@ from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from mlx_cache.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CacheConfig, CacheConfigError
+from mlx_cache.presets import PRESETS, preset_config
 from models.sample import SamplingConfig
 
 from ...settings import Settings
 
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
+_BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
+#: The quantization fields a preset sets (kind, window and sinks stay the user's).
+_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "k_per_channel")
+
+
+def _preset_of(c: CacheConfig) -> str:
+    for name in PRESETS:
+        p = preset_config(name, c)
+        if all(getattr(p, f) == getattr(c, f) for f in _PRESET_FIELDS):
+            return name
+    return _BY_HAND
 
 
 def _input(value: str, **kwargs: Any) -> Input:
@@ -66,11 +78,19 @@ class SettingsScreen(ModalScreen[Settings | None]):
                                           id="kind"))
                 yield _row("Window", _input(str(c.window), type="integer", id="window"), "rotating: recent tokens kept")
                 yield _row("Sinks", _input(str(c.sinks), type="integer", id="sinks"), "rotating: first tokens kept")
+                presets = [("by hand (the fields below)", _BY_HAND)] + [
+                    (f"{n}: {p.bits:.2f} bits, {p.ppl_pct:+.1f}% perplexity", n) for n, p in PRESETS.items()]
+                yield _row("Preset", _select(presets, value=_preset_of(c), id="preset"), "measured on SmolLM2 at 4K")
                 yield _row("Key bits", _select(bits, value=str(c.k_bits) if c.k_bits else _FP, id="k_bits"))
                 yield _row("Value bits", _select(bits, value=str(c.v_bits) if c.v_bits else _FP, id="v_bits"))
                 yield _row("Group size", _select([(str(g), str(g)) for g in SUPPORTED_GROUP_SIZES], value=str(c.group_size),
                                                 id="group_size"), "quantization group")
                 yield _row("Hadamard rotate", Checkbox("rotate", c.rotate, id="rotate", compact=True), "quantized only: keeps low bits accurate")
+                yield _row("Float sinks", _input(str(c.keep_fp), type="integer", id="keep_fp"), "first tokens never quantized")
+                yield _row("Float window", _input(str(c.fp_window), type="integer", id="fp_window"),
+                           "last tokens not yet quantized")
+                yield _row("Per-channel keys", Checkbox("per channel", c.k_per_channel, id="k_per_channel", compact=True),
+                           "full cache only (KIVI)")
                 yield _row("KV budget", _input(s.kv_budget or "", placeholder="what the device can spare",
                                                id="kv_budget"), "such as 2GB")
                 yield _row("Over budget", _select([("switch to a window", "rotate"), ("refuse the turn", "refuse")],
@@ -96,6 +116,19 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     def on_mount(self) -> None:
         self.query_one("#model", Input).focus()
+
+    @on(Select.Changed, "#preset")
+    def _preset_chosen(self, event: Select.Changed) -> None:
+        if event.value == _BY_HAND or event.value not in PRESETS:
+            return
+        p = PRESETS[str(event.value)].config
+        for wid in ("k_bits", "v_bits"):
+            self.query_one(f"#{wid}", Select).value = str(getattr(p, wid)) if getattr(p, wid) else _FP
+        self.query_one("#group_size", Select).value = str(p.group_size)
+        self.query_one("#rotate", Checkbox).value = p.rotate
+        self.query_one("#k_per_channel", Checkbox).value = p.k_per_channel
+        for wid in ("keep_fp", "fp_window"):
+            self.query_one(f"#{wid}", Input).value = str(getattr(p, wid))
 
     def _value(self, wid: str) -> Any:
         return self.query_one(f"#{wid}").value  # type: ignore[attr-defined]
@@ -123,7 +156,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 v_bits=bits("v_bits"),
                 group_size=int(self._value("group_size")),
                 rotate=bool(self.query_one("#rotate", Checkbox).value),
-                keep_fp=min(self.settings.cache.keep_fp, num("sinks", int, "Sinks")),
+                keep_fp=num("keep_fp", int, "Float sinks"),
+                fp_window=num("fp_window", int, "Float window"),
+                k_per_channel=bool(self.query_one("#k_per_channel", Checkbox).value),
             )
         except CacheConfigError as e:
             raise ValueError(str(e)) from None

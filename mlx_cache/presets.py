@@ -1,0 +1,58 @@
+"""Named KV cache layouts users pick (`--kv-preset`, the settings screen), with what they were measured to cost.
+
+Each preset is a quantized :class:`CacheConfig` built from the levers that
+measured best on the embedded model (README, "Low-bit KV: quality"); the
+numbers here are that table's, at 4K tokens of context, so `kvchat info` and
+the settings screen can show them without running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .config import CacheConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named layout and its measured cost on SmolLM2-135M at 4,096 tokens."""
+
+    name: str
+    config: CacheConfig
+    summary: str  # one line for menus
+    bits: float  # effective bits per element at 4K (16-bit floats), everything counted
+    ppl_pct: float  # perplexity vs the full cache, percent
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "kv4",
+            CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, k_per_channel=True),
+            "4-bit per-channel keys, 3-bit values, float sinks and last 96 tokens",
+            bits=4.39, ppl_pct=0.21,
+        ),
+        Preset(
+            "kv3",
+            CacheConfig(k_bits=3, v_bits=2, keep_fp=4, fp_window=96, k_per_channel=True),
+            "3-bit per-channel keys, 2-bit values, float sinks and last 96 tokens",
+            bits=3.39, ppl_pct=0.87,
+        ),
+    )
+}
+
+#: What `--kv-bits 4` (or 3) means when no other KV flag says otherwise.
+DEFAULT_FOR_BITS = {4: "kv4", 3: "kv3"}
+
+
+def preset_config(name: str, base: CacheConfig | None = None) -> CacheConfig:
+    """The preset's layout on top of `base`'s kind, window and sinks (a rotating chat stays rotating)."""
+    p = PRESETS[name].config
+    if base is None or base.kind == "full":
+        return p
+    # per-channel keys need whole groups, which a window evicts one token at a time: per-token there
+    return replace(
+        p, kind=base.kind, window=base.window, sinks=base.sinks,
+        keep_fp=min(p.keep_fp, base.sinks), fp_window=min(p.fp_window, base.window), k_per_channel=False,
+    )
