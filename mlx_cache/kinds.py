@@ -21,14 +21,21 @@ from typing import Any
 import mlx.core as mx
 
 from .config import CacheConfig
-from .kv_base import Checkpoint, KVCacheProtocol, _BaseKV, _causal_mask, _concat, _head_dim, _slice_tokens
-from .quantize import Planes
+from .kv_base import (
+    BaseKV,
+    Checkpoint,
+    KVCacheProtocol,
+    causal_mask,
+    concat_planes,
+    head_dim_of,
+)
+from .quantize import Planes, slice_tokens
 from .rotating import RotatingKVCache
 
 __all__ = ["Checkpoint", "FullKVCache", "KVCacheProtocol", "RotatingKVCache", "make_caches", "make_layer_cache"]
 
 
-class FullKVCache(_BaseKV):
+class FullKVCache(BaseKV):
     """Keeps every token; grows its buffers in steps of 256 tokens."""
 
     def __init__(self, config: CacheConfig | None = None) -> None:
@@ -53,8 +60,8 @@ class FullKVCache(_BaseKV):
         if self.keys is None:
             self.keys, self.values = zeros(k, new_len), zeros(v, new_len)
             return
-        self.keys = _concat(_slice_tokens(self.keys, 0, prev), zeros(k, new_len - prev))
-        self.values = _concat(_slice_tokens(self.values, 0, prev), zeros(v, new_len - prev))  # type: ignore[arg-type]
+        self.keys = concat_planes(slice_tokens(self.keys, 0, prev), zeros(k, new_len - prev))
+        self.values = concat_planes(slice_tokens(self.values, 0, prev), zeros(v, new_len - prev))  # type: ignore[arg-type]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         k, v = self._encode(keys, values)
@@ -87,18 +94,18 @@ class FullKVCache(_BaseKV):
 
     def _fetch(self, queries: int) -> tuple[Any, Any]:
         if self.offset < self.keys[0].shape[2]:  # type: ignore[index]
-            k = _slice_tokens(self.keys, 0, self.offset)  # type: ignore[arg-type]
-            v = _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
+            k = slice_tokens(self.keys, 0, self.offset)  # type: ignore[arg-type]
+            v = slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
         else:
             k, v = self.keys, self.values
         return self._present(k, v, queries=queries)  # type: ignore[arg-type]
 
     def make_mask(self, N: int, window_size: int | None = None, return_array: bool = False) -> Any:
         if window_size is not None:
-            return _causal_mask(N, self.offset, window_size)
+            return causal_mask(N, self.offset, window_size)
         if N == 1:
             return None
-        return _causal_mask(N, self.offset) if return_array else "causal"
+        return causal_mask(N, self.offset) if return_array else "causal"
 
     def can_trim_to(self, position: int) -> bool:
         return 0 <= position <= self.offset
@@ -113,7 +120,7 @@ class FullKVCache(_BaseKV):
     def temporal_planes(self) -> tuple[Planes, Planes] | None:
         if self.keys is None or self.offset == 0:
             return None
-        return _slice_tokens(self.keys, 0, self.offset), _slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
+        return slice_tokens(self.keys, 0, self.offset), slice_tokens(self.values, 0, self.offset)  # type: ignore[arg-type]
 
     def load_planes(
         self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
@@ -121,7 +128,7 @@ class FullKVCache(_BaseKV):
     ) -> None:
         self.reset()
         self.dtype = dtype
-        self.n_kv_heads, self.head_dim = keys[0].shape[1], _head_dim(self.kc, keys)
+        self.n_kv_heads, self.head_dim = keys[0].shape[1], head_dim_of(self.kc, keys)
         self._qattn = False
         # re-run the attention-mode decision with the real shapes
         probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
@@ -139,7 +146,7 @@ class FullKVCache(_BaseKV):
             # The unquantized head is rebuilt from the session's own fp planes by the
             # store when it has them; otherwise fall back to the dequantized values.
             n = min(keep, self.tokens)
-            self._fp_head = self._decode(_slice_tokens(self.keys, 0, n), _slice_tokens(self.values, 0, n))  # type: ignore[arg-type]
+            self._fp_head = self._decode(slice_tokens(self.keys, 0, n), slice_tokens(self.values, 0, n))  # type: ignore[arg-type]
 
 
 def make_layer_cache(config: CacheConfig) -> FullKVCache | RotatingKVCache:

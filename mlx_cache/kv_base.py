@@ -15,7 +15,12 @@ import mlx.core as mx
 from .config import CacheConfig
 from .float_parts import FloatParts
 from .mixed import mixed_attention_enabled, segments_for_every_quantized_cache
-from .quantize import Codec, Planes, quantized_attention_available, rotated_attention_enabled, slice_tokens
+from .quantize import (
+    Codec,
+    Planes,
+    quantized_attention_available,
+    rotated_attention_enabled,
+)
 
 
 @runtime_checkable
@@ -55,10 +60,7 @@ class Checkpoint:
         return total
 
 
-_slice_tokens = slice_tokens
-
-
-def _concat(a: Planes, b: Planes) -> Planes:
+def concat_planes(a: Planes, b: Planes) -> Planes:
     return tuple(mx.concatenate([x, y], axis=2) for x, y in zip(a, b))
 
 
@@ -68,7 +70,7 @@ def _copy(planes: Planes | None) -> Planes | None:
     return None if planes is None else tuple(mx.array(p) for p in planes)
 
 
-class _BaseKV(FloatParts):
+class BaseKV(FloatParts):
     """Shared codec, attention-mode and accounting logic (float sinks and window: FloatParts)."""
 
     step = 256  # tokens added per growth; matches mlx-lm so results are comparable
@@ -246,13 +248,13 @@ class _BaseKV(FloatParts):
         return self._fp_head[0][..., :n, :], self._fp_head[1][..., :n, :]
 
 
-def _head_dim(codec: Codec, planes: Planes) -> int:
+def head_dim_of(codec: Codec, planes: Planes) -> int:
     if codec.bits is None:
         return planes[0].shape[-1]
     return planes[0].shape[-1] * 32 // codec.bits
 
 
-def _causal_mask(N: int, offset: int, window_size: int | None = None) -> mx.array:
+def causal_mask(N: int, offset: int, window_size: int | None = None) -> mx.array:
     q = mx.arange(offset, offset + N)[:, None]
     k = mx.arange(offset + N)[None]
     mask = q >= k

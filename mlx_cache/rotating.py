@@ -11,11 +11,11 @@ from typing import Any
 import mlx.core as mx
 
 from .config import CacheConfig
-from .kv_base import Checkpoint, _BaseKV, _causal_mask, _concat, _head_dim, _slice_tokens
-from .quantize import Planes
+from .kv_base import BaseKV, Checkpoint, causal_mask, concat_planes, head_dim_of
+from .quantize import Planes, slice_tokens
 
 
-class RotatingKVCache(_BaseKV):
+class RotatingKVCache(BaseKV):
     """Attention sinks plus a sliding window, with a strict size bound.
 
     Query at position p attends to positions ``< sinks`` and ``(p - window, p]``.
@@ -58,7 +58,7 @@ class RotatingKVCache(_BaseKV):
                 )
 
             return order(k), order(v)
-        return _slice_tokens(k, 0, held), _slice_tokens(v, 0, held)
+        return slice_tokens(k, 0, held), slice_tokens(v, 0, held)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         k, v = self._encode(keys, values)
@@ -72,14 +72,14 @@ class RotatingKVCache(_BaseKV):
                 tk, tv = self._temporal()
                 return self._present(tk, tv, self._positions(held), queries=1)
             if held < self.keys[0].shape[2]:
-                return self._present(_slice_tokens(self.keys, 0, held), _slice_tokens(self.values, 0, held))  # type: ignore[arg-type]
+                return self._present(slice_tokens(self.keys, 0, held), slice_tokens(self.values, 0, held))  # type: ignore[arg-type]
             return self._present(self.keys, self.values)  # type: ignore[arg-type]
         prev = self.offset
         if self.keys is None:
             all_k, all_v = k, v
         else:
             tk, tv = self._temporal()
-            all_k, all_v = _concat(tk, k), _concat(tv, v)
+            all_k, all_v = concat_planes(tk, k), concat_planes(tv, v)
         self.offset += keys.shape[2]
         self._remember_fp_head(prev, keys, values)
         self._remember_fp_tail(keys, values)
@@ -145,7 +145,7 @@ class RotatingKVCache(_BaseKV):
             # a single query sees every held token: the cache holds exactly its window
             return None
         if self.offset + N <= self.capacity and (window_size is None or self.offset + N <= window):
-            return _causal_mask(N, self.offset) if return_array else "causal"
+            return causal_mask(N, self.offset) if return_array else "causal"
         held = self.tokens
         if self.offset <= self.capacity:
             k_pos = mx.arange(held)
@@ -194,7 +194,7 @@ class RotatingKVCache(_BaseKV):
     ) -> None:
         self.reset()
         self.dtype = dtype
-        self.n_kv_heads, self.head_dim = keys[0].shape[1], _head_dim(self.kc, keys)
+        self.n_kv_heads, self.head_dim = keys[0].shape[1], head_dim_of(self.kc, keys)
         probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
         self._setup(probe, probe)
         self.keys, self.values, self.offset = keys, values, offset
@@ -205,4 +205,4 @@ class RotatingKVCache(_BaseKV):
             self._fp_head = float_head
         elif keep:
             n = min(keep, self.tokens)
-            self._fp_head = self._decode(_slice_tokens(keys, 0, n), _slice_tokens(values, 0, n))
+            self._fp_head = self._decode(slice_tokens(keys, 0, n), slice_tokens(values, 0, n))

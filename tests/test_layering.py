@@ -94,3 +94,19 @@ def test_the_first_frame_needs_no_heavy_import(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, KVCHAT_HOME=str(tmp_path)))
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    """`from x import _name` reaches into another module's insides: what others use is public."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    found = []
+    for package in ("app", "models", "mlx_cache"):
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                    found += [f"{path.relative_to(root)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
