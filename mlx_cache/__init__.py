@@ -5,10 +5,8 @@ the kvchat app. The names below load on first use: importing one light module
 (``mlx_cache.numbers``, ``mlx_cache.config``) does not pull in the cache kinds.
 """
 
-from importlib import import_module
-from typing import Any
-
 from .backend import preload_blas
+from .lazy import lazy_exports
 
 preload_blas()  # before anything imports mlx.core
 
@@ -30,10 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'mlx_cache' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,8 +5,7 @@ architecture onto mlx-lm's classes, `tokenizer` rebuilds the vocabulary,
 `convert` writes the folder and `inspect` says what a file is without converting it.
 """
 
-from importlib import import_module
-from typing import Any
+from mlx_cache.lazy import lazy_exports
 
 # Loaded on first use: checking a conversion (`is_converted`) must not import numpy and gguf-py.
 _EXPORTS = {
@@ -20,10 +19,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'models.gguf' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
