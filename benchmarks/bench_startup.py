@@ -92,6 +92,12 @@ def ask_once(tree: Path, home: str) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _device() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", help="also measure this git revision, side by side")
@@ -132,6 +138,7 @@ def main() -> None:
         "rounds": args.rounds,
         "before_rev": args.before,
         "goal_first_frame_s": GOAL_FIRST_FRAME_S,
+        "device": _device(),
     }
     for name, r in runs.items():
         result[name] = {k: {"median_s": round(statistics.median(v), 3), "runs_s": [round(x, 3) for x in v]}
