@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import mlx.core as mx
 
@@ -35,6 +35,8 @@ from mlx_cache.kinds import make_caches
 from mlx_cache.memory import effective_bits
 from mlx_cache.mixed import segment_every_quantized_cache
 from mlx_cache.presets import PRESETS
+
+from .progress import Progress
 
 #: Tokens per forward pass: the text goes through the cache in small steps, as a chat's does.
 MAX_CHUNK = 64
@@ -56,7 +58,6 @@ QUALITY_CONFIGS: dict[str, CacheConfig] = {
     **{f"preset {name}": p.config for name, p in PRESETS.items()},
 }
 
-Progress = Callable[[str], None]
 
 #: Shipped with the package (pyproject's package-data), next to this module.
 DATA_DIR = Path(__file__).parent / "data"

@@ -193,3 +193,14 @@ async def test_settings_preset_fills_the_kv_fields_and_is_saved(home, tiny):
         await until(pilot, lambda: settings_path().is_file())
     data = json.loads(settings_path().read_text())
     assert data["cache"] == PRESETS["kv3"].config.to_dict()
+
+
+@sync
+async def test_settings_that_cannot_be_saved_are_said_so(home, tiny):
+    settings_path().mkdir(parents=True)  # a folder where the file should go: the save fails
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.apply_settings(app.settings.with_(theme="textual-light"))
+        await until(pilot, lambda: any("Could not save settings" in n.message for n in app._notifications))
+        assert app.theme == "textual-light"  # used now, even though it is not on disk

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from textual import events, work
 from textual.app import App
 from textual.binding import Binding
+from textual.message import Message
 
 from ..settings import Settings
 from .commands import ChatCommands
@@ -104,9 +105,19 @@ class KvchatApp(App[int]):
         try:
             path = settings.save()
         except OSError as e:
-            self.call_from_thread(self.notify, f"Could not save settings: {e}", severity="error")
+            self.post_message(self.SettingsNotSaved(str(e)))
             return
         self.log(f"settings saved to {path}")
+
+    class SettingsNotSaved(Message):
+        """Saving the settings failed (the worker's report; the handler tells the user)."""
+
+        def __init__(self, error: str) -> None:
+            super().__init__()
+            self.error = error
+
+    def on_kvchat_app_settings_not_saved(self, message: SettingsNotSaved) -> None:
+        self.notify(f"Could not save settings: {message.error}", severity="error")
 
     def on_unmount(self) -> None:
         sys.setswitchinterval(self._switch_interval)
