@@ -47,19 +47,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sampling = sampling_from(args)
     kv_budget_from(args)
     session = merged(args, "session")
+    store = None
     if session:
         from mlx_cache.store import SessionStore, check_name
 
         check_name(session)
+        store = SessionStore()
         # A session open in another window is refused now, not after the model has loaded.
-        SessionStore().lock(session).release()
+        store.lock(session).release()
     loaded = load(merged(args, "model"))
     engine = make_engine(args, loaded)
-    if session:
-        from mlx_cache.store import SessionStore
-
+    if store is not None:
         explicit = given(args, CACHE_FLAGS)
-        chat = Chat.open(engine, SessionStore(), session, cache_config=cache_config if explicit else None)
+        chat = Chat.open(engine, store, session, cache_config=cache_config if explicit else None)
         if chat.notice:
             print(f"kvchat: {chat.notice}", file=sys.stderr, flush=True)
         # The session keeps its own sampling; flags given now change it.
