@@ -143,10 +143,11 @@ def test_a_flip_in_the_part_of_a_pack_a_session_does_not_use_is_still_refused(kv
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
 
 
-def test_a_large_pack_read_by_two_threads_beside_its_checksum_loads_bitwise(kv, tmp_path, monkeypatch):
+def test_a_large_pack_read_by_two_threads_while_a_third_hashes_loads_bitwise(kv, tmp_path, monkeypatch):
     from mlx_cache.store import tensorfile
 
-    monkeypatch.setattr(tensorfile, "_HASH_ASIDE", 1)  # every file takes the path of packs over 16 MiB
+    monkeypatch.setattr(tensorfile, "_PARALLEL", 1)  # every file takes the path of packs over 16 MiB
+    monkeypatch.setattr(tensorfile, "_CHUNK", 4096)  # in many chunks, so both readers take some
     store = SessionStore(tmp_path)
     caches = caches_of(kv, N + 100)
     index = save(store, "a", list(range(N + 100)), caches)

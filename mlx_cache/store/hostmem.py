@@ -10,6 +10,7 @@ allocates arrays without writing them.
 from __future__ import annotations
 
 import functools
+import math
 import io
 import json
 import struct
@@ -91,7 +92,7 @@ def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx
     """
     # mx.load costs ~50 us a tensor: small ones are cheaper zero-filled
     small = {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()
-             if int(np.prod(shape, dtype=np.int64)) * dtype.size < _EMPTY_MIN}
+             if math.prod(shape) * dtype.size < _EMPTY_MIN}
     specs = {name: spec for name, spec in specs.items() if name not in small}
     if not specs:
         return small
@@ -99,7 +100,7 @@ def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx
     offset = 0
     for name, (shape, dtype) in specs.items():
         code = ST_CODES[dtype_name(dtype)]
-        n = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[code]
+        n = math.prod(shape) * ITEMSIZE[code]
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()

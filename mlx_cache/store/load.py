@@ -7,9 +7,10 @@ plane; most of the time went to that assembly and the copies. Now each
 layer's planes are allocated once at their final size, and ``preadv``
 scatters each pack's bytes into their places (each head's token range is one
 buffer of the read), so the bytes are read from the disk or page cache once
-and written once; the xxh3-128 checksum runs over the file's pages beside
-the scatter. Two threads read different packs (both release the GIL); a
-large pack is hashed on a second thread while the first scatters it.
+and written once; the xxh3-128 checksum runs over those buffers a chunk at a
+time, right after each chunk lands, while the bytes are still in the CPU's
+cache. Two threads read different packs (both release the GIL); a large pack
+is scattered by two threads while a third hashes it.
 """
 
 from __future__ import annotations
@@ -239,11 +240,9 @@ def _runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-_SCRATCH = memoryview(bytearray(1 << 20))  # where rows nobody uses are read to (their bytes are only hashed)
-
-
 def _scratch(n: int) -> memoryview:
-    return _SCRATCH[:n] if n <= len(_SCRATCH) else memoryview(bytearray(n))
+    """Where `n` bytes of rows nobody uses are read to: their own buffer, as the checksum runs over it afterwards."""
+    return memoryview(bytearray(n))
 
 
 def read_blocks(

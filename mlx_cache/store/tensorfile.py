@@ -17,10 +17,12 @@ GIL, so two reader threads hash in parallel; version-1 files carry sha256.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,32 +280,82 @@ def read_header(path: Path, size: int) -> Header:
         os.close(fd)
 
 
-_HASH_ASIDE = 16 << 20  # from this size a file's checksum runs beside its scatter, on another core
-_hasher = ThreadPoolExecutor(4, thread_name_prefix="kvchat-read")  # checksums and second halves of large files
+_PARALLEL = 16 << 20  # from this size two threads scatter a file while a third checks it
+_CHUNK = 4 << 20  # file bytes per read: small enough that the checksum finds them still in the cache
+_readers = ThreadPoolExecutor(2, thread_name_prefix="kvchat-read")  # the scatter of large files
 
 
-def _halve(iov: list[memoryview], total: int) -> tuple[int, int]:
-    """(index, bytes before it) of the buffer where the first half of `total` bytes ends."""
+def _chunks(iov: list[memoryview], chunk: int) -> list[list[memoryview]]:
+    """`iov` cut into runs of about `chunk` bytes, in order (a buffer longer than a chunk is split)."""
+    out: list[list[memoryview]] = [[]]
     acc = 0
-    for j, b in enumerate(iov):
-        if acc >= total // 2:
-            return j, acc
-        acc += b.nbytes
-    return len(iov), acc
+    for b in iov:
+        while b.nbytes:
+            take = b[: chunk - acc] if b.nbytes > chunk - acc else b
+            out[-1].append(take)
+            acc += take.nbytes
+            b = b[take.nbytes :]
+            if acc >= chunk:
+                out.append([])
+                acc = 0
+    return [c for c in out if c]
+
+
+def _scatter_and_hash(fd: int, chunks: list[list[memoryview]], offset: int, h: Any) -> None:
+    """Read `chunks` from `offset` on, two threads reading while this one hashes each chunk as it lands.
+
+    A chunk is hashed from the buffers it was just read into, in file order,
+    while its bytes are still in the CPU's cache: the checksum costs a
+    fraction of a pass over memory instead of one more pass over the file's
+    pages, and it checks the very bytes the caches will use.
+    """
+    starts = [offset]
+    for c in chunks[:-1]:
+        starts.append(starts[-1] + sum(b.nbytes for b in c))
+    done = [threading.Event() for _ in chunks]
+    failed: list[BaseException] = []
+    claim = itertools.count()  # next chunk to read; next() on a count is atomic under the GIL
+
+    def reader() -> None:
+        while not failed:
+            k = next(claim)
+            if k >= len(chunks):
+                return
+            try:
+                _preadv_all(fd, list(chunks[k]), starts[k], sum(b.nbytes for b in chunks[k]))
+            except BaseException as e:  # the hashing thread re-raises it
+                failed.append(e)
+            finally:
+                done[k].set()
+        for e in done:  # a failure: release the hashing thread
+            e.set()
+
+    workers = [_readers.submit(reader) for _ in range(2)]
+    try:
+        for k, c in enumerate(chunks):
+            done[k].wait()
+            if failed:
+                break
+            for b in c:
+                h.update(b)
+    finally:
+        failed.append(StopIteration())  # readers stop claiming chunks, then are waited for
+        for w in workers:
+            w.result()
+    if not isinstance(failed[0], StopIteration):
+        raise failed[0]
 
 
 def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
               headers: HeaderCache | None = None, vary: str | None = None) -> Header:
     """Read the file at `path` into the buffers `plan` names and check its checksum.
 
-    The tensor bytes go straight to their buffers with ``preadv``; the
-    checksum runs over the whole file, mapped from the page cache, in one
-    call (beside the scatter, on another thread, for a large file: both
-    release the GIL). Checking the file's pages rather than the scattered
-    copies keeps hashing at memory speed (a quantized plane scatters into
-    hundreds of small pieces); the copies came from those very pages, and a
-    KV file never changes once it is named (written under a temp name,
-    synced, then linked).
+    The tensor bytes go straight to their buffers with ``preadv``, and the
+    checksum runs over the header and then over those buffers in file order,
+    a chunk at a time right after each chunk is read, so it checks every byte
+    of the file as it was read and finds it still in the CPU's cache. A large
+    file is read by two threads while a third hashes (all release the GIL).
+    The buffers `plan` returns must not overlap.
 
     Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
     malformed header, a plan that refuses the header, or a checksum mismatch.
@@ -316,24 +368,23 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
             raise ValueError(f"has {actual} bytes instead of {size}")
         head = _read_head(fd, size)
         header = headers.parse(head, size, vary) if headers is not None else parse_header(head, size)
-        aside = _hasher.submit(file_digest, fd, size, algorithm) if size >= _HASH_ASIDE else None
-        try:
-            iov = plan(header)
-            end = max((t.end for t in header.tensors.values()), default=header.size)
-            if size > end:
-                iov.append(memoryview(bytearray(size - end)))
-            total = size - header.size
-            cut, first = _halve(iov, total) if aside is not None else (len(iov), total)
-            # a large file's second half is scattered by another thread: one core copies ~6 GB/s
-            rest = _hasher.submit(_preadv_all, fd, iov[cut:], header.size + first, total - first) if cut < len(iov) else None
-            try:
-                _preadv_all(fd, iov[:cut], header.size, first)
-            finally:
-                if rest is not None:
-                    rest.result()
-        finally:
-            got = aside.result() if aside is not None else None  # the fd stays open until the hash is done
-        if (got if aside is not None else file_digest(fd, size, algorithm)) != expected:
+        iov = plan(header)
+        end = max((t.end for t in header.tensors.values()), default=header.size)
+        if size > end:
+            iov.append(memoryview(bytearray(size - end)))
+        h = new_hash(algorithm)
+        h.update(head[: header.size])
+        if size - header.size >= _PARALLEL:
+            _scatter_and_hash(fd, _chunks(iov, _CHUNK), header.size, h)
+        else:
+            offset = header.size
+            for chunk in _chunks(iov, _CHUNK):
+                n = sum(b.nbytes for b in chunk)
+                _preadv_all(fd, list(chunk), offset, n)
+                offset += n
+                for b in chunk:
+                    h.update(b)
+        if h.hexdigest() != expected:
             raise ValueError("fails its checksum")
     finally:
         os.close(fd)
