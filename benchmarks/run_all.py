@@ -35,6 +35,7 @@ COMMANDS: dict[str, list[str]] = {
     # 4K on one 4,096-token segment: what two shared CPU cores read in about an hour (the
     # default, 2K/4K/8K on 16,384 tokens, is for faster machines)
     "quality": ["-m", "app", "bench", "quality", "--json", "--contexts", "4096", "--tokens", "4096"],
+    "quality_gemma": ["benchmarks/bench_quality_gemma.py"],
     "kv_presets_speed": ["benchmarks/bench_kv_presets_speed.py"],
     "tui": ["benchmarks/bench_tui.py"],
     "markdown": ["benchmarks/bench_markdown.py"],
@@ -194,15 +195,30 @@ def table_quality(r: dict[str, Any]) -> str:
 
 
 def table_kv_presets_speed(r: dict[str, Any]) -> str:
-    lines = ["| context | preset | q4 tok/s | preset tok/s | preset / q4 (median of rounds) | rounds | goal (>= 0.90) |",
-             "|---:|---|---:|---:|---:|---|---|"]
+    lines = ["| context | preset | q4 tok/s | preset tok/s | preset / q4 (median of rounds) | rounds | by CPU time | goal (>= 0.90) |",
+             "|---:|---|---:|---:|---:|---|---:|---|"]
+
+    def row(p: dict[str, Any], goal: str) -> str:
+        cpu = f"{p['cpu_ratio']:.3f}" if "cpu_ratio" in p else "-"
+        return (f"| {p['context']:,} | {p['preset']} ({p['cache']}) | {p['q4_tok_s']:.1f} | {p['preset_tok_s']:.1f} | "
+                f"{p['ratio']:.3f} | {', '.join(f'{x:.2f}' for x in p['round_ratios'])} | {cpu} | {goal} |")
+
     for p in r["results"]:
-        lines.append(
-            f"| {p['context']:,} | {p['preset']} ({p['cache']}) | {p['q4_tok_s']:.1f} | {p['preset_tok_s']:.1f} | "
-            f"{p['ratio']:.3f} | {', '.join(f'{x:.2f}' for x in p['round_ratios'])} | "
-            f"{'met' if p['goal_met'] else 'missed'} |"
-        )
-    return "\n".join(lines + ["", f"{r['rounds']} alternating rounds of {r['steps']} greedy steps each."])
+        lines.append(row(p, "met" if p["goal_met"] else "missed"))
+    for p in r.get("levers_only", []):
+        lines.append(row(p, "(diagnostic)"))
+    lines += ["", f"{r['rounds']} alternating rounds of {r['steps']} greedy steps each; \"by CPU time\" is plain q4's "
+              "CPU time per token over the preset's. \"levers only\": the preset with its 3-bit codes raised to 4 bits."]
+    if r.get("kernels"):
+        lines += ["", f"MLX's `quantized_matmul` for one layer at one decode step ({r.get('kv_dtype', 'the KV dtype')}, "
+                  "median ms; per-token keys are plain caches' scores, per-channel keys the presets', values every "
+                  "quantized cache's output):", "",
+                  "| context | bits | scores, per-token keys | scores, per-channel keys | output, values |",
+                  "|---:|---:|---:|---:|---:|"]
+        for k in r["kernels"]:
+            lines.append(f"| {k['context']:,} | {k['bits']} | {k['scores_per_token_keys_ms']:.2f} | "
+                         f"{k['scores_per_channel_keys_ms']:.2f} | {k['output_values_ms']:.2f} |")
+    return "\n".join(lines)
 
 
 def table_tui(r: dict[str, Any]) -> str:
@@ -300,6 +316,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "sessions": table_sessions,
     "rotation_speed": table_rotation_speed,
     "quality": table_quality,
+    "quality_gemma": table_quality,
     "kv_presets_speed": table_kv_presets_speed,
     "tui": table_tui,
     "markdown": table_markdown,
