@@ -22,6 +22,18 @@ FORMAT_VERSION = 1
 DEFAULT_THEME = "textual-dark"
 
 
+def window_below_sinks(cache: CacheConfig) -> str | None:
+    """Why a rotating window shorter than its attention sinks is refused, or None when it is not.
+
+    Checked where a user chooses the layout (flags, the settings form), not in
+    CacheConfig itself: a session saved with any layout must keep opening.
+    The sentence names both numbers; the caller says how to change them.
+    """
+    if cache.kind != "rotating" or cache.window >= cache.sinks:
+        return None
+    return f"A rotating window of {cache.window:,} tokens is smaller than its {cache.sinks:,} attention sinks"
+
+
 def settings_path() -> Path:
     """Where the settings file lives (honours ``KVCHAT_HOME``)."""
     home = os.environ.get("KVCHAT_HOME")

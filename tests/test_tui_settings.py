@@ -61,6 +61,28 @@ async def test_settings_form_rejects_bad_values(home, tiny):
         assert not settings_path().exists()
 
 
+@sync
+async def test_settings_form_refuses_a_window_below_its_sinks(home, tiny):
+    from textual.widgets import Input, Select, Static
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        app.screen.query_one("#kind", Select).value = "rotating"
+        app.screen.query_one("#window", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        error = str(app.screen.query_one("#error", Static).render())
+        assert "window of 2 tokens is smaller than its 4 attention sinks" in error and "Window at least 4" in error
+        assert not settings_path().exists()
+        app.screen.query_one("#sinks", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+    assert json.loads(settings_path().read_text())["cache"]["window"] == 2
+
+
 def test_bad_settings_file_means_defaults_and_a_notice(home):
     settings_path().write_text("{ not json")
     settings, problem = Settings.load()
