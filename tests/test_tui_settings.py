@@ -12,6 +12,7 @@ from app.tui.screens.sessions import SessionBrowser
 from app.tui.screens.settings import SettingsScreen
 from app.tui.widgets.prompt_input import PromptInput
 from tui_support import (  # noqa: F401  (fixtures, used by name)
+    PROMPT,
     SIZE,
     app_for,
     home,
@@ -19,6 +20,7 @@ from tui_support import (  # noqa: F401  (fixtures, used by name)
     ready,
     sync,
     tiny,
+    send,
     until,
 )
 
@@ -155,8 +157,11 @@ async def test_command_palette_offers_every_action(home, tiny):
         await ready(pilot)
         provider = ChatCommands(app.screen)
         hits = [hit async for hit in provider.discover()]
+        titles = " | ".join(str(h.display) for h in hits)
         actions = {b.action for b in ChatScreen.BINDINGS}  # type: ignore[union-attr]
-        assert len(hits) == len(actions)
+        # nothing to stop, regenerate or edit in a new chat: those are not offered
+        assert len(hits) == len(actions - {"stop", "regenerate", "edit_last"}), titles
+        assert "Stop" not in titles and "Regenerate" not in titles and "Fork" in titles
         found = sorted([hit async for hit in provider.search("fork")], reverse=True)
         assert found and "Fork" in str(found[0].text)
         # through the real palette: Ctrl+P, type, Enter runs the action
@@ -170,6 +175,29 @@ async def test_command_palette_offers_every_action(home, tiny):
         options = app.screen.query_one(OptionList)  # the palette's hits: wait for the search to show one
         await until(pilot, lambda: options.option_count > 0 and "saved chat" in str(options.get_option_at_index(0).prompt))
         await press_for(pilot, "enter", SessionBrowser)
+
+
+@sync
+async def test_command_palette_offers_stop_only_while_an_answer_runs(home, tiny):
+    from app.tui.commands import ChatCommands
+    from app.tui.messages import AnswerChunk
+
+    seen: list[str] = []
+    provider: ChatCommands | None = None
+
+    def hook(message: object) -> None:  # the palette's rows as they are while the answer streams
+        if isinstance(message, AnswerChunk) and provider is not None and not seen:
+            seen.append(" | ".join(title for title, _, _ in provider.commands()))
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        screen = await ready(pilot)
+        provider = ChatCommands(app.screen)
+        await send(pilot, PROMPT)
+        assert seen and "Stop the answer" in seen[0] and "Regenerate" not in seen[0] and "New chat" not in seen[0]
+        after = " | ".join(title for title, _, _ in provider.commands())
+        assert "Stop the answer" not in after and "Regenerate the last answer" in after and "New chat" in after
+        assert screen.turns_done == 1
 
 
 @sync
