@@ -34,6 +34,12 @@ def window_below_sinks(cache: CacheConfig) -> str | None:
     return f"A rotating window of {cache.window:,} tokens is smaller than its {cache.sinks:,} attention sinks"
 
 
+def os_reason(e: OSError) -> str:
+    """The system's reason for an OSError, to go inside a sentence ("is a directory", "permission denied")."""
+    reason = e.strerror or str(e)
+    return reason[:1].lower() + reason[1:]
+
+
 def settings_path() -> Path:
     """Where the settings file lives (honours ``KVCHAT_HOME``)."""
     home = os.environ.get("KVCHAT_HOME")
@@ -122,7 +128,7 @@ class Settings:
         except FileNotFoundError:
             return cls(), None
         except OSError as e:
-            return cls(), f"Could not read {path} ({e.strerror or e}): using default settings."
+            return cls(), f"Could not read {path} ({os_reason(e)}): using default settings."
         try:
             return cls.from_dict(json.loads(text)), None
         except (json.JSONDecodeError, ValueError) as e:

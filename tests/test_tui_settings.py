@@ -108,7 +108,9 @@ async def test_unloadable_model_keeps_the_app_alive(home, tmp_path):
     app = make_app(model=str(tmp_path / "missing-model"))
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
-        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+        await until(pilot, lambda: not screen.preparing and "No model is loaded" in str(screen.query_one("#welcome").render()))
+        assert "No model at" in str(screen.query_one("#welcome").render())
+        assert not any("No model at" in n.message for n in app._notifications)  # said once, where the chat would be
         assert screen.chat is None and not screen.preparing
         screen.query_one(PromptInput).text = "hi"
         await pilot.press("enter")
@@ -252,5 +254,9 @@ async def test_settings_that_cannot_be_saved_are_said_so(home, tiny):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         app.apply_settings(app.settings.with_(theme="textual-light"))
-        await until(pilot, lambda: any("Could not save settings" in n.message for n in app._notifications))
+        await until(pilot, lambda: any("Could not save the settings" in n.message for n in app._notifications))
         assert app.theme == "textual-light"  # used now, even though it is not on disk
+    notes = [n.message for n in app._notifications]
+    # one sentence each, capital first, the system's reason in lower case inside it
+    assert f"Could not read {settings_path()} (is a directory): using default settings." in notes
+    assert f"Could not save the settings to {settings_path()} (is a directory): they apply until you quit." in notes
