@@ -194,3 +194,22 @@ async def test_headless_turn_for_benchmarks_and_screenshots(home, tiny):
     done = await run_one_turn(PROMPT, model=tiny, sampling=GREEDY.with_(max_tokens=4), after=after)
     assert done.finished.stats.generated_tokens >= 1
     assert shots and "<svg" in shots[0]
+
+
+@sync
+async def test_sidebar_counts_the_message_as_soon_as_it_is_sent(home, tiny):
+    from textual.widgets import Static
+
+    seen: list[str] = []
+    app = app_for(tiny)
+
+    def hook(message: object) -> None:  # the sidebar as it is while the first answer streams
+        if isinstance(message, AnswerChunk) and not seen:
+            seen.append(str(app.chat_screen.query_one("#info", Static).render()))
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        screen = await ready(pilot)
+        assert "0 messages" in str(screen.query_one("#info", Static).render())
+        await send(pilot, PROMPT)
+        assert seen and "1 message" in seen[0] and "0 messages" not in seen[0]
+        assert "2 messages" in str(screen.query_one("#info", Static).render())

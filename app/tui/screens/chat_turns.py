@@ -55,6 +55,16 @@ class TurnView:
         self._first_chunk = (0.0, 0)  # (time, deltas) of its first chunk
         self._shown_rate = 0.0  # when the status line last showed its speed
         self._last: tuple[str, "Stats | None"] = ("Answered", None)
+        self._messages: int | None = None  # the chat's messages as shown while a turn runs
+
+    @property
+    def messages_shown(self) -> int | None:
+        """User and assistant messages of the chat as the running turn shows them, or None between turns.
+
+        The chat records the turn's message on the MLX thread; the sidebar
+        counts it from the moment it is sent.
+        """
+        return self._messages
 
     def _status(self, message: str, busy: bool | None = None) -> None:
         self.host.query_one(StatusLine).set(message, busy)
@@ -73,6 +83,8 @@ class TurnView:
         for w in conv.query("#welcome"):
             w.remove()
         last_is_answer = bool(chat.messages) and chat.messages[-1]["role"] == "assistant"
+        before = sum(1 for m in chat.messages if m["role"] != "system")
+        self._messages = before + 1 if kind == "send" else before - int(last_is_answer)
         if kind in ("regenerate", "edit") and last_is_answer:
             old = conv.last_of(AssistantMessage)
             if old is not None:
@@ -93,6 +105,7 @@ class TurnView:
         cancel = threading.Event()
         self._cancel = cancel
         host.set_busy(True)
+        host.update_info()
         self._status("Thinking…" if kind == "send" else "Answering again…", busy=True)
         starts: dict[str, StartTurn] = {
             "send": lambda c: chat.send(text, c),
@@ -176,6 +189,7 @@ class TurnView:
 
     def _end(self) -> None:
         self.turns_done += 1
+        self._messages = None
         self._answer = None
         self._cancel = None
         self._turn = None
