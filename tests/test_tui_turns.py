@@ -213,3 +213,20 @@ async def test_sidebar_counts_the_message_as_soon_as_it_is_sent(home, tiny):
         await send(pilot, PROMPT)
         assert seen and "1 message" in seen[0] and "0 messages" not in seen[0]
         assert "2 messages" in str(screen.query_one("#info", Static).render())
+
+
+@sync
+async def test_answer_stats_fit_one_status_line_from_80_columns(home, tiny):
+    from textual.widgets import Static
+
+    for width, speed_shown in ((80, False), (100, False), (140, True)):
+        app = app_for(tiny)
+        async with app.run_test(size=(width, 40)) as pilot:
+            screen = await ready(pilot)
+            await send(pilot, PROMPT)
+            text = screen.query_one("#status-text", Static)
+            shown = str(text.render())
+            assert "reused 0 tokens" in shown and shown.endswith("saved"), (width, shown)  # whole: no ellipsis
+            assert len(shown) <= text.content_size.width and text.size.height == 1, (width, shown)
+            assert ("tok/s" in shown) == speed_shown, (width, shown)
+            assert "tok/s" in status(app)  # the full line is still what the status says

@@ -66,8 +66,8 @@ class TurnView:
         """
         return self._messages
 
-    def _status(self, message: str, busy: bool | None = None) -> None:
-        self.host.query_one(StatusLine).set(message, busy)
+    def _status(self, message: str, busy: bool | None = None, optional: tuple[str, ...] = ()) -> None:
+        self.host.query_one(StatusLine).set(message, busy, optional=optional)
 
     @property
     def chunks(self) -> int:
@@ -143,9 +143,12 @@ class TurnView:
             self.host.query_one(MemoryMeter).refresh_soon()
             self._answer.write(message.text)
 
-    def _stats_line(self, verb: str, stats: "Stats", saved: str) -> str:
-        return (f"{verb} · reused {stats.reused_tokens:,} tokens · prefilled {stats.prefilled_tokens:,} · "
-                f"{stats.decode_tok_s:,.1f} tok/s · {saved}")
+    def _stats(self, verb: str, stats: "Stats", saved: str, busy: bool) -> None:
+        # The speed is under the answer too, and the prefill count follows from
+        # the reuse: on a narrow line those go first, the reuse and the save stay.
+        speed, prefilled = f"{stats.decode_tok_s:,.0f} tok/s", f"prefilled {stats.prefilled_tokens:,}"
+        self._status(f"{verb} · reused {stats.reused_tokens:,} tokens · {prefilled} · {speed} · {saved}", busy=busy,
+                     optional=(speed, prefilled))
 
     async def done(self, message: AnswerDone) -> None:
         f = message.finished
@@ -155,7 +158,7 @@ class TurnView:
         if self._answer is not None:
             await self._answer.finish(f, format_stats(stats, f.reason))
         verb = "Stopped" if f.reason == "cancelled" else "Answered"
-        self._status(self._stats_line(verb, stats, "saving…"), busy=True)
+        self._stats(verb, stats, "saving…", busy=True)
         self._last = (verb, stats)
         self.host.update_info()
 
@@ -166,7 +169,7 @@ class TurnView:
         chat = self.host.chat
         saved = "saved" if not message.error and chat and chat.name and self.ctx.store else "not saved"
         if stats is not None:
-            self._status(self._stats_line(verb, stats, saved), busy=False)
+            self._stats(verb, stats, saved, busy=False)
         self._end()
 
     async def failed(self, message: AnswerFailed) -> None:
