@@ -22,6 +22,24 @@ FORMAT_VERSION = 1
 DEFAULT_THEME = "textual-dark"
 
 
+def window_below_sinks(cache: CacheConfig) -> str | None:
+    """Why a rotating window shorter than its attention sinks is refused, or None when it is not.
+
+    Checked where a user chooses the layout (flags, the settings form), not in
+    CacheConfig itself: a session saved with any layout must keep opening.
+    The sentence names both numbers; the caller says how to change them.
+    """
+    if cache.kind != "rotating" or cache.window >= cache.sinks:
+        return None
+    return f"A rotating window of {cache.window:,} tokens is smaller than its {cache.sinks:,} attention sinks"
+
+
+def os_reason(e: OSError) -> str:
+    """The system's reason for an OSError, to go inside a sentence ("is a directory", "permission denied")."""
+    reason = e.strerror or str(e)
+    return reason[:1].lower() + reason[1:]
+
+
 def settings_path() -> Path:
     """Where the settings file lives (honours ``KVCHAT_HOME``)."""
     home = os.environ.get("KVCHAT_HOME")
@@ -110,7 +128,7 @@ class Settings:
         except FileNotFoundError:
             return cls(), None
         except OSError as e:
-            return cls(), f"Could not read {path} ({e.strerror or e}): using default settings."
+            return cls(), f"Could not read {path} ({os_reason(e)}): using default settings."
         try:
             return cls.from_dict(json.loads(text)), None
         except (json.JSONDecodeError, ValueError) as e:

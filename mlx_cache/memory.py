@@ -342,11 +342,15 @@ def parse_size(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    """Human size: 1.2 GB, 340 MB, 12 KB."""
+    """Human size in decimal units, as the README writes them (1 MB = 10^6 bytes): 1.2 GB, 340.0 MB, 12 KB.
+
+    Every size kvchat shows goes through here, so the app and the commands
+    agree on one unit.
+    """
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+        if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n:.1f} TB"
 
 

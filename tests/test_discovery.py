@@ -178,3 +178,55 @@ def test_model_picker_lists_them(machine, tmp_path):
     assert "tiny:q4" in choices and "Ollama · qwen2 · Q4_K" in choices["tiny:q4"].detail
     assert choices["pub/Tiny-GGUF"].detail.startswith("LM Studio")
     assert not choices["mlxonly:latest"].runnable and "cannot run" in choices["mlxonly:latest"].detail
+
+
+def test_quant_is_the_files_own_type_and_sizes_are_decimal(machine):
+    lms = machine / ".lmstudio" / "models" / "pub" / "Q41"
+    lms.mkdir(parents=True)
+    write_tiny(lms / "q41.gguf", "llama", types={"default": T.Q4_1}, extra={"general.file_type": 3})  # MOSTLY_Q4_1
+    found = {m.name: m for m in discover()}
+    assert found["pub/Q41"].quant == "Q4_1"
+    assert found["default"].quant == "Q4_1" and found["default"].size_bytes == 98_362_432
+    r = kvchat("models")
+    row = next(line for line in r.stdout.splitlines() if line.startswith("pub/Q41"))
+    size = (lms / "q41.gguf").stat().st_size
+    assert " Q4_1 " in row and f" {size / 1e3:.0f} KB " in row  # KB = 10^3 bytes, MB = 10^6, as the README writes them
+    assert "98.4 MB" in next(line for line in r.stdout.splitlines() if line.startswith("default"))
+    from app.tui.model_sources import available_models
+
+    picker = {c.spec: c.detail for c in available_models(machine / "hub")}
+    assert picker["default"] == "embedded · Q4_1 · 98.4 MB"  # the same facts, in the same unit, as `kvchat models`
+    assert picker["pub/Q41"] == f"LM Studio · llama · Q4_1 · {size / 1e3:.0f} KB"
+
+
+def _quantized_snapshot(hub: Path) -> tuple[Path, int]:
+    """An HF-cache snapshot of MLX-quantized weights (4-bit, the head at 8), and how many weights it holds."""
+    import mlx.core as mx
+
+    snap = hub / "models--acme--tiny-4bit" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    tensors: dict[str, mx.array] = {"model.norm.weight": mx.ones((256,))}
+    for name, rows, bits in (("model.layers.0.mlp.up_proj", 512, 4), ("lm_head", 384, 8)):
+        w, scales, biases = mx.quantize(mx.random.normal((rows, 256)), group_size=64, bits=bits)
+        tensors |= {f"{name}.weight": w, f"{name}.scales": scales, f"{name}.biases": biases}
+    mx.save_safetensors(str(snap / "model.safetensors"), tensors)
+    config = {"model_type": "llama", "quantization": {"group_size": 64, "bits": 4, "lm_head": {"group_size": 64, "bits": 8}}}
+    (snap / "config.json").write_text(json.dumps(config))
+    return snap, 256 + 512 * 256 + 384 * 256
+
+
+def test_parameters_come_from_the_headers_or_are_left_out(machine):
+    hub = machine.parent / "hub"
+    snap, weights = _quantized_snapshot(hub)
+    broken = hub / "models--acme--broken" / "snapshots" / "abc"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (broken / "model.safetensors").write_bytes(b"\xff" * 16)  # no header to read
+    found = {m.name: m for m in discover()}
+    assert found["acme/tiny-4bit"].parameters == weights  # packed words counted as the weights they hold
+    assert found["acme/broken"].parameters is None
+    rows = {r["name"]: r for r in json.loads(kvchat("models", "--json").stdout)}
+    assert rows["acme/tiny-4bit"]["parameters"] == weights
+    assert rows["tiny:q4"]["parameters"] == found["tiny:q4"].parameters > 1_000_000  # the GGUF tensor table
+    assert "parameters" not in rows["acme/broken"] and "parameters" not in rows["mlxonly:latest"]  # unknown: no null
+    assert '"parameters" is the number of weights' in " ".join(kvchat("models", "--help").stdout.split())

@@ -47,3 +47,14 @@ def test_bad_combinations_are_one_sentence():
         config("--kv-bits", "4", "--kv-fp-window", "100", "--cache", "rotating", "--window", "50")
     with pytest.raises(UserError, match="full cache"):
         config("--kv-bits", "4", "--kv-per-channel-keys", "--cache", "rotating")
+
+
+def test_a_window_below_its_sinks_is_refused_by_the_flags_only():
+    with pytest.raises(UserError, match="window of 2 tokens is smaller than its 4 attention sinks"):
+        config("--window", "2")
+    with pytest.raises(UserError, match="--sinks at most 3"):
+        config("--cache", "rotating", "--window", "3", "--sinks", "5")
+    assert config("--window", "2", "--sinks", "2").window == 2  # as many sinks as the window: allowed
+    # A layout saved earlier (a session, a settings file) still builds: only choosing one is checked.
+    saved = CacheConfig.from_dict({"kind": "rotating", "window": 2, "sinks": 4})
+    assert (saved.window, saved.sinks) == (2, 4)

@@ -12,6 +12,7 @@ from app.tui.screens.sessions import SessionBrowser
 from app.tui.screens.settings import SettingsScreen
 from app.tui.widgets.prompt_input import PromptInput
 from tui_support import (  # noqa: F401  (fixtures, used by name)
+    PROMPT,
     SIZE,
     app_for,
     home,
@@ -19,6 +20,7 @@ from tui_support import (  # noqa: F401  (fixtures, used by name)
     ready,
     sync,
     tiny,
+    send,
     until,
 )
 
@@ -61,6 +63,28 @@ async def test_settings_form_rejects_bad_values(home, tiny):
         assert not settings_path().exists()
 
 
+@sync
+async def test_settings_form_refuses_a_window_below_its_sinks(home, tiny):
+    from textual.widgets import Input, Select, Static
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await press_for(pilot, "f9", SettingsScreen)
+        app.screen.query_one("#kind", Select).value = "rotating"
+        app.screen.query_one("#window", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert isinstance(app.screen, SettingsScreen)
+        error = str(app.screen.query_one("#error", Static).render())
+        assert "window of 2 tokens is smaller than its 4 attention sinks" in error and "Window at least 4" in error
+        assert not settings_path().exists()
+        app.screen.query_one("#sinks", Input).value = "2"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: settings_path().is_file())
+    assert json.loads(settings_path().read_text())["cache"]["window"] == 2
+
+
 def test_bad_settings_file_means_defaults_and_a_notice(home):
     settings_path().write_text("{ not json")
     settings, problem = Settings.load()
@@ -84,7 +108,9 @@ async def test_unloadable_model_keeps_the_app_alive(home, tmp_path):
     app = make_app(model=str(tmp_path / "missing-model"))
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
-        await until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+        await until(pilot, lambda: not screen.preparing and "No model is loaded" in str(screen.query_one("#welcome").render()))
+        assert "No model at" in str(screen.query_one("#welcome").render())
+        assert not any("No model at" in n.message for n in app._notifications)  # said once, where the chat would be
         assert screen.chat is None and not screen.preparing
         screen.query_one(PromptInput).text = "hi"
         await pilot.press("enter")
@@ -133,8 +159,11 @@ async def test_command_palette_offers_every_action(home, tiny):
         await ready(pilot)
         provider = ChatCommands(app.screen)
         hits = [hit async for hit in provider.discover()]
+        titles = " | ".join(str(h.display) for h in hits)
         actions = {b.action for b in ChatScreen.BINDINGS}  # type: ignore[union-attr]
-        assert len(hits) == len(actions)
+        # nothing to stop, regenerate or edit in a new chat: those are not offered
+        assert len(hits) == len(actions - {"stop", "regenerate", "edit_last"}), titles
+        assert "Stop" not in titles and "Regenerate" not in titles and "Fork" in titles
         found = sorted([hit async for hit in provider.search("fork")], reverse=True)
         assert found and "Fork" in str(found[0].text)
         # through the real palette: Ctrl+P, type, Enter runs the action
@@ -148,6 +177,29 @@ async def test_command_palette_offers_every_action(home, tiny):
         options = app.screen.query_one(OptionList)  # the palette's hits: wait for the search to show one
         await until(pilot, lambda: options.option_count > 0 and "saved chat" in str(options.get_option_at_index(0).prompt))
         await press_for(pilot, "enter", SessionBrowser)
+
+
+@sync
+async def test_command_palette_offers_stop_only_while_an_answer_runs(home, tiny):
+    from app.tui.commands import ChatCommands
+    from app.tui.messages import AnswerChunk
+
+    seen: list[str] = []
+    provider: ChatCommands | None = None
+
+    def hook(message: object) -> None:  # the palette's rows as they are while the answer streams
+        if isinstance(message, AnswerChunk) and provider is not None and not seen:
+            seen.append(" | ".join(title for title, _, _ in provider.commands()))
+
+    app = app_for(tiny)
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        screen = await ready(pilot)
+        provider = ChatCommands(app.screen)
+        await send(pilot, PROMPT)
+        assert seen and "Stop the answer" in seen[0] and "Regenerate" not in seen[0] and "New chat" not in seen[0]
+        after = " | ".join(title for title, _, _ in provider.commands())
+        assert "Stop the answer" not in after and "Regenerate the last answer" in after and "New chat" in after
+        assert screen.turns_done == 1
 
 
 @sync
@@ -202,5 +254,9 @@ async def test_settings_that_cannot_be_saved_are_said_so(home, tiny):
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         app.apply_settings(app.settings.with_(theme="textual-light"))
-        await until(pilot, lambda: any("Could not save settings" in n.message for n in app._notifications))
+        await until(pilot, lambda: any("Could not save the settings" in n.message for n in app._notifications))
         assert app.theme == "textual-light"  # used now, even though it is not on disk
+    notes = [n.message for n in app._notifications]
+    # one sentence each, capital first, the system's reason in lower case inside it
+    assert f"Could not read {settings_path()} (is a directory): using default settings." in notes
+    assert f"Could not save the settings to {settings_path()} (is a directory): they apply until you quit." in notes

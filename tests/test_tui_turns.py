@@ -194,3 +194,39 @@ async def test_headless_turn_for_benchmarks_and_screenshots(home, tiny):
     done = await run_one_turn(PROMPT, model=tiny, sampling=GREEDY.with_(max_tokens=4), after=after)
     assert done.finished.stats.generated_tokens >= 1
     assert shots and "<svg" in shots[0]
+
+
+@sync
+async def test_sidebar_counts_the_message_as_soon_as_it_is_sent(home, tiny):
+    from textual.widgets import Static
+
+    seen: list[str] = []
+    app = app_for(tiny)
+
+    def hook(message: object) -> None:  # the sidebar as it is while the first answer streams
+        if isinstance(message, AnswerChunk) and not seen:
+            seen.append(str(app.chat_screen.query_one("#info", Static).render()))
+
+    async with app.run_test(size=SIZE, message_hook=hook) as pilot:
+        screen = await ready(pilot)
+        assert "0 messages" in str(screen.query_one("#info", Static).render())
+        await send(pilot, PROMPT)
+        assert seen and "1 message" in seen[0] and "0 messages" not in seen[0]
+        assert "2 messages" in str(screen.query_one("#info", Static).render())
+
+
+@sync
+async def test_answer_stats_fit_one_status_line_from_80_columns(home, tiny):
+    from textual.widgets import Static
+
+    for width, speed_shown in ((80, False), (100, False), (140, True)):
+        app = app_for(tiny)
+        async with app.run_test(size=(width, 40)) as pilot:
+            screen = await ready(pilot)
+            await send(pilot, PROMPT)
+            text = screen.query_one("#status-text", Static)
+            shown = str(text.render())
+            assert "reused 0 tokens" in shown and shown.endswith("saved"), (width, shown)  # whole: no ellipsis
+            assert len(shown) <= text.content_size.width and text.size.height == 1, (width, shown)
+            assert ("tok/s" in shown) == speed_shown, (width, shown)
+            assert "tok/s" in status(app)  # the full line is still what the status says

@@ -120,6 +120,8 @@ def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
     """CacheConfig from flags (over `base`, e.g. saved settings)."""
     from mlx_cache import CacheConfig, CacheConfigError
 
+    from ..settings import window_below_sinks
+
     fields = dict(base.to_dict()) if base is not None else {}
     if getattr(args, "cache", None):
         fields["kind"] = args.cache
@@ -142,9 +144,13 @@ def cache_config_from(args: argparse.Namespace, base: Any = None) -> Any:
     if getattr(args, "kv_rotate", None):
         fields["rotate"] = True
     try:
-        return CacheConfig.from_dict(apply_kv_quality_flags(args, fields))
+        config = CacheConfig.from_dict(apply_kv_quality_flags(args, fields))
     except CacheConfigError as e:
         raise UserError(str(e)) from None
+    problem = window_below_sinks(config)
+    if problem and any(getattr(args, f, None) is not None for f in ("cache", "window", "sinks")):
+        raise UserError(f"{problem}: give --window at least {config.sinks}, or --sinks at most {config.window}.")
+    return config
 
 
 def sampling_from(args: argparse.Namespace, base: Any = None) -> Any:

@@ -14,9 +14,13 @@ def add_models_parser(sub: Any) -> None:
         description="List the models kvchat finds: the embedded model, the Hugging Face cache, Ollama's store "
                     "($OLLAMA_MODELS or ~/.ollama/models) and LM Studio's folders (~/.lmstudio/models, "
                     "~/.cache/lm-studio/models). The NAME column is what --model takes. Nothing is converted "
-                    "or written; only headers are read.",
+                    "or written; only headers are read. Sizes are in decimal units (1 MB = 10^6 bytes); QUANT is "
+                    "the GGUF's own file type (Q4_1, Q4_K_M, ...), or an MLX model's bits.",
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list with every field; \"parameters\" is the number of weights, counted from "
+                        "the GGUF tensor table or the safetensors headers (packed MLX weights as unpacked), and is "
+                        "left out where those headers cannot tell it")
     p.add_argument("--all", action="store_true", help="also list models kvchat cannot run")
     p.set_defaults(handler=cmd_models)
 

@@ -11,7 +11,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
 
-from ..settings import Settings
+from ..settings import Settings, os_reason, settings_path
 from .commands import ChatCommands
 from .context import ChatContext, LaunchOptions
 from .mlx_thread import MLXThread
@@ -105,19 +105,20 @@ class KvchatApp(App[int]):
         try:
             path = settings.save()
         except OSError as e:
-            self.post_message(self.SettingsNotSaved(str(e)))
+            self.post_message(self.SettingsNotSaved(
+                f"Could not save the settings to {settings_path()} ({os_reason(e)}): they apply until you quit."))
             return
         self.log(f"settings saved to {path}")
 
     class SettingsNotSaved(Message):
-        """Saving the settings failed (the worker's report; the handler tells the user)."""
+        """Saving the settings failed: `error` is the sentence the handler shows."""
 
         def __init__(self, error: str) -> None:
             super().__init__()
             self.error = error
 
     def on_kvchat_app_settings_not_saved(self, message: SettingsNotSaved) -> None:
-        self.notify(f"Could not save settings: {message.error}", severity="error")
+        self.notify(message.error, title="Settings", severity="error", timeout=12)
 
     def on_unmount(self) -> None:
         sys.setswitchinterval(self._switch_interval)

@@ -2,7 +2,8 @@
 
 The bindings are the one list of actions: each has a description (its name in
 the footer) and a tooltip (its help here), so the palette and the footer can
-never disagree.
+never disagree. An action the screen would grey out (`check_action`) is not
+listed: Stop only while an answer runs, Regenerate only after a message.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 
 class ChatCommands(Provider):
-    """Every action of the chat screen, with its key."""
+    """Every action of the chat screen that can run now, with its key."""
 
-    def _commands(self) -> list[tuple[str, str, str]]:
+    def commands(self) -> list[tuple[str, str, str]]:
+        """(title with its key, help, action) of each chat action that can run now."""
         from .screens.chat import ChatScreen
 
-        if not any(isinstance(s, ChatScreen) for s in self.app.screen_stack):
+        screen = next((s for s in self.app.screen_stack if isinstance(s, ChatScreen)), None)
+        if screen is None:
             return []
         rows = []
         for binding in ChatScreen.BINDINGS:
             assert not isinstance(binding, tuple)
+            if not screen.check_action(binding.action, ()):
+                continue  # greyed out or hidden in the footer: nothing it could do now (Stop with no answer)
             key = self.app.get_key_display(binding)
             title = {
                 "New": "New chat",
@@ -49,12 +54,12 @@ class ChatCommands(Provider):
             await screen.run_action(action)
 
     async def discover(self) -> Hits:
-        for title, help_text, action in self._commands():
+        for title, help_text, action in self.commands():
             yield DiscoveryHit(title, partial(self._run, action), help=help_text)
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for title, help_text, action in self._commands():
+        for title, help_text, action in self.commands():
             score = max(matcher.match(title), matcher.match(help_text) * 0.8)
             if score > 0:
                 yield Hit(score, matcher.highlight(title), partial(self._run, action), help=help_text)

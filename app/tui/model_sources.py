@@ -40,14 +40,12 @@ def available_models(hf_root: Path | None = None) -> list[ModelChoice]:
 
     choices = []
     for m in discover(hf_root if hf_root is not None else hf_cache_dir()):
-        if m.source == "embedded":
-            choices.append(ModelChoice(EMBEDDED_SPEC, EMBEDDED_LABEL, "embedded · Q4 · ~100 MB"))
-            continue
         facts = [_SOURCES.get(m.source, m.source)]
-        facts += [f for f in (m.architecture, m.quant) if f]
+        facts += [f for f in (None if m.source == "embedded" else m.architecture, m.quant) if f]
         if m.size_bytes:
             facts.append(format_bytes(m.size_bytes))
         if not m.runnable:
             facts.append(f"cannot run: {m.reason}")
-        choices.append(ModelChoice(m.name, m.name, " · ".join(facts), m.runnable))
+        spec, label = (EMBEDDED_SPEC, EMBEDDED_LABEL) if m.source == "embedded" else (m.name, m.name)
+        choices.append(ModelChoice(spec, label, " · ".join(facts), m.runnable))
     return choices

@@ -160,10 +160,12 @@ class ChatScreen(Screen[None]):
             info.append("loading…\n" if self.preparing else "not loaded\n", style="dim")
         chat = self.chat
         if chat is not None:
-            messages = sum(1 for x in chat.messages if x["role"] != "system")
+            messages = self.turns.messages_shown
+            if messages is None:
+                messages = sum(1 for x in chat.messages if x["role"] != "system")
             info.append("\nChat\n", style="bold")
             info.append(f"{chat.name or 'unsaved'}\n")
-            info.append(f"cache {chat.state.config.label()}\n{messages} messages", style="dim")
+            info.append(f"cache {chat.state.config.label()}\n{messages} message{'' if messages == 1 else 's'}", style="dim")
         self.query_one("#info", Static).update(info)
         model = self.loaded.name if self.loaded else ("loading the model…" if self.preparing else "no model")
         where = chat.title or chat.name if chat is not None else None

@@ -165,9 +165,10 @@ class Opening:
             host.status(f"Kept {host.loaded.name}: the other model did not load", busy=False)
         else:
             host.status("No model loaded: Ctrl+L picks one", busy=False)
-        host.notify(message.error, title="Could not load the model", severity="error", timeout=12)
-        if host.chat is None:
+        if host.chat is None:  # the error takes the empty conversation's place: said once, not in a toast too
             host.show_welcome("No model is loaded.\n\n" + message.error + "\n\nPress Ctrl+L to pick a model.")
+        else:
+            host.notify(message.error, title="Could not load the model", severity="error", timeout=12)
         await self._give_back_queued()
         host.update_info()
 

@@ -55,9 +55,19 @@ class TurnView:
         self._first_chunk = (0.0, 0)  # (time, deltas) of its first chunk
         self._shown_rate = 0.0  # when the status line last showed its speed
         self._last: tuple[str, "Stats | None"] = ("Answered", None)
+        self._messages: int | None = None  # the chat's messages as shown while a turn runs
 
-    def _status(self, message: str, busy: bool | None = None) -> None:
-        self.host.query_one(StatusLine).set(message, busy)
+    @property
+    def messages_shown(self) -> int | None:
+        """User and assistant messages of the chat as the running turn shows them, or None between turns.
+
+        The chat records the turn's message on the MLX thread; the sidebar
+        counts it from the moment it is sent.
+        """
+        return self._messages
+
+    def _status(self, message: str, busy: bool | None = None, optional: tuple[str, ...] = ()) -> None:
+        self.host.query_one(StatusLine).set(message, busy, optional=optional)
 
     @property
     def chunks(self) -> int:
@@ -73,6 +83,8 @@ class TurnView:
         for w in conv.query("#welcome"):
             w.remove()
         last_is_answer = bool(chat.messages) and chat.messages[-1]["role"] == "assistant"
+        before = sum(1 for m in chat.messages if m["role"] != "system")
+        self._messages = before + 1 if kind == "send" else before - int(last_is_answer)
         if kind in ("regenerate", "edit") and last_is_answer:
             old = conv.last_of(AssistantMessage)
             if old is not None:
@@ -93,6 +105,7 @@ class TurnView:
         cancel = threading.Event()
         self._cancel = cancel
         host.set_busy(True)
+        host.update_info()
         self._status("Thinking…" if kind == "send" else "Answering again…", busy=True)
         starts: dict[str, StartTurn] = {
             "send": lambda c: chat.send(text, c),
@@ -130,9 +143,12 @@ class TurnView:
             self.host.query_one(MemoryMeter).refresh_soon()
             self._answer.write(message.text)
 
-    def _stats_line(self, verb: str, stats: "Stats", saved: str) -> str:
-        return (f"{verb} · reused {stats.reused_tokens:,} tokens · prefilled {stats.prefilled_tokens:,} · "
-                f"{stats.decode_tok_s:,.1f} tok/s · {saved}")
+    def _stats(self, verb: str, stats: "Stats", saved: str, busy: bool) -> None:
+        # The speed is under the answer too, and the prefill count follows from
+        # the reuse: on a narrow line those go first, the reuse and the save stay.
+        speed, prefilled = f"{stats.decode_tok_s:,.0f} tok/s", f"prefilled {stats.prefilled_tokens:,}"
+        self._status(f"{verb} · reused {stats.reused_tokens:,} tokens · {prefilled} · {speed} · {saved}", busy=busy,
+                     optional=(speed, prefilled))
 
     async def done(self, message: AnswerDone) -> None:
         f = message.finished
@@ -142,7 +158,7 @@ class TurnView:
         if self._answer is not None:
             await self._answer.finish(f, format_stats(stats, f.reason))
         verb = "Stopped" if f.reason == "cancelled" else "Answered"
-        self._status(self._stats_line(verb, stats, "saving…"), busy=True)
+        self._stats(verb, stats, "saving…", busy=True)
         self._last = (verb, stats)
         self.host.update_info()
 
@@ -153,7 +169,7 @@ class TurnView:
         chat = self.host.chat
         saved = "saved" if not message.error and chat and chat.name and self.ctx.store else "not saved"
         if stats is not None:
-            self._status(self._stats_line(verb, stats, saved), busy=False)
+            self._stats(verb, stats, saved, busy=False)
         self._end()
 
     async def failed(self, message: AnswerFailed) -> None:
@@ -176,6 +192,7 @@ class TurnView:
 
     def _end(self) -> None:
         self.turns_done += 1
+        self._messages = None
         self._answer = None
         self._cancel = None
         self._turn = None

@@ -16,7 +16,7 @@ from mlx_cache.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CacheConfig,
 from mlx_cache.presets import PRESETS, preset_config
 from models.sample import SamplingConfig
 
-from ...settings import Settings
+from ...settings import Settings, window_below_sinks
 
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
@@ -162,6 +162,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
             )
         except CacheConfigError as e:
             raise ValueError(str(e)) from None
+        problem = window_below_sinks(cache)
+        if problem:
+            raise ValueError(f"{problem}: make Window at least {cache.sinks}, or Sinks at most {cache.window}.")
         seed_text = str(self._value("seed")).strip()
         sampling = self.settings.sampling.with_(
             temperature=num("temperature", float, "Temperature"),

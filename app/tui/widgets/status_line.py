@@ -1,4 +1,8 @@
-"""One line under the conversation: what is happening now, and which chat this is."""
+"""One line under the conversation: what is happening now, and which chat this is.
+
+The line never wraps: parts the caller marks optional (an answer's speed,
+its prefill count) are left out where the terminal is too narrow for them.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class StatusLine(Horizontal):
         self._frame = 0
         self._timer: Timer | None = None
         self._animate = animate  # snapshot tests freeze the spinner
+        self._optional: tuple[str, ...] = ()
 
     def compose(self) -> ComposeResult:
         yield Static(id="status-text")
@@ -39,10 +44,24 @@ class StatusLine(Horizontal):
         self._timer = self.set_interval(0.25, self._spin, pause=True)
         self._render_text()
 
-    def set(self, message: str, busy: bool | None = None) -> None:
+    def set(self, message: str, busy: bool | None = None, *, optional: tuple[str, ...] = ()) -> None:
+        """Show `message`; `optional` are " · "-separated parts of it to leave out, in that order, where it would not fit."""
+        self._optional = optional
         self.message = message
         if busy is not None:
             self.busy = busy
+
+    def on_resize(self) -> None:
+        self._render_text()
+
+    def _fitted(self, width: int) -> str:
+        """The message with optional parts dropped until it fits `width` cells (ellipsis beyond that)."""
+        text = self.message
+        for part in self._optional:
+            if len(text) <= width:
+                break
+            text = text.replace(f" · {part}", "", 1)
+        return text
 
     def watch_busy(self, busy: bool) -> None:
         if self._timer is not None and self._animate:
@@ -78,7 +97,8 @@ class StatusLine(Horizontal):
             return
         prefix = f"{_SPINNER[self._frame]} " if self.busy else "● "
         text = Text(prefix, style="bold")
-        text.append(self.message)
+        shown = self.query_one("#status-text", Static)
+        text.append(self._fitted(shown.content_size.width - len(prefix)) if shown.content_size.width else self.message)
         # one fixed-size line: skip the screen-wide layout pass, which the
         # spinner would otherwise trigger ten times a second during decoding
         self.query_one("#status-text", Static).update(text, layout=False)
