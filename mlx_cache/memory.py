@@ -320,12 +320,17 @@ def spare_kv_bytes(weights_bytes: int, working_set: int | None, available: int, 
 
 MAX_SIZE = 1 << 60  # a size beyond an exbibyte is a typo
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}
+# KB/MB/GB/TB are decimal, as kvchat shows sizes (format_bytes); KiB/MiB/GiB/TiB and the bare
+# letters (2G, as in most command-line tools) are binary.
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30, "T": 1 << 40, "TB": 10**12, "TIB": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """Parse '2GB', '512M', '1.5 GiB' or plain bytes; raises ValueError with a clear message."""
+    """Parse '2GB' (2 * 10^9), '1.5 GiB' (1.5 * 2^30), '512M' (512 * 2^20) or plain bytes.
+
+    Raises ValueError with a clear message.
+    """
     bad = ValueError(f"{text!r} is not a size: write it like 2GB, 512MB or 1073741824.")
     if not isinstance(text, str):
         raise bad

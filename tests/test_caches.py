@@ -295,7 +295,8 @@ def test_budget_helpers():
     shape = KVShape(30, 3, 64, 2)
     assert max_tokens(shape, CacheConfig(), 30 * 3 * 64 * 2 * 2 * 1024) == 1024
     assert max_tokens(shape, CacheConfig(kind="rotating", window=256), 1 << 30) is None
-    assert parse_size("2GB") == 2 << 30 and parse_size("512m") == 512 << 20
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("2GiB") == 2 << 30 and parse_size("512m") == 512 << 20
+    assert parse_size("1.5 gib") == 3 << 29 and parse_size("500MB") == 500 * 10**6
     with pytest.raises(ValueError):
         parse_size("lots")
 

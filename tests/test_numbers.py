@@ -86,7 +86,7 @@ def test_good_numbers_still_pass(capsys):
     s = sampling_from(args)
     assert (s.temperature, s.top_p, s.min_p, s.repetition_penalty, s.seed, s.max_tokens) == (
         0.0, 1.0, 0.0, 1.3, 2**64 - 1, 7)
-    assert args.window == 128 and parse_size(args.kv_budget) == 3 << 29
+    assert args.window == 128 and parse_size(args.kv_budget) == 1_500_000_000
 
 
 @pytest.mark.parametrize("args", [("ask", "hi", "--temp", "nan"), ("ask", "hi", "--repetition-penalty", "inf"),

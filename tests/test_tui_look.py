@@ -49,7 +49,7 @@ async def test_memory_meter_shows_weights_kv_and_budget(home, tiny):
                       "MLX peak", "Process RSS", "System free"):
             assert label in rows
         assert "full · fp32" in rows and rows["full · fp32"] == f"{len(chat.state.tokens):,} tok"  # CPU: float32
-        assert rows["KV budget"] == "1.0 GB"
+        assert rows["KV budget"] == "1.1 GB"  # 1 GiB in decimal units
 
 
 @sync
