@@ -146,13 +146,16 @@ class SessionBrowser(ModalScreen["SessionAction | None"]):
         keep = select or self.selected
         table.clear()
         shown = 0
+        # Title and model take what a narrow terminal leaves (80 columns fits every column).
+        width = self.app.size.width
+        title_w, model_w = max(16, min(34, width // 3 - 2)), max(10, min(24, width // 5 - 2))
         for m in self._metas:
             if query and not any(query in s.lower() for s in (m.title, m.name, m.model_name)):
                 continue
             marker = "● " if m.name == self.current else ""
             table.add_row(
-                _clip(marker + (m.title or m.name), 34),
-                _clip(m.model_name, 24),
+                _clip(marker + (m.title or m.name), title_w),
+                _clip(m.model_name, model_w),
                 Text(f"{m.tokens:,}", justify="right"),
                 Text(format_bytes(m.bytes_on_disk), justify="right"),
                 self._when(m.updated),
