@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 # read smoothly. When it runs on the CPU, the refresh takes a core from the
 # decode's BLAS threads: on 2 cores, with frames as costly as they first were,
 # each refresh a second cost the decode ~2%. Frames now cost about half that
-# (one layout pass, only changed lines drawn), so there the text and the meter
-# come three times a second: the meter stays live at ~0.8% of a core more than
-# twice a second would take.
+# (one layout pass, only changed lines drawn), but three a second still left
+# the real terminal and a long chat at 0.93 of `kvchat ask` over 16 rounds
+# (README): so a little over twice a second there, a few tokens a refresh.
 FLUSH_S = 0.15
-FLUSH_S_CPU = 0.33
+FLUSH_S_CPU = 0.45
 
 
 def flush_interval() -> float:
