@@ -78,3 +78,21 @@ def test_kvchat_answers_in_a_terminal_and_shows_the_meter(tmp_path, embedded_mod
     for label in ("Memory", "Weights", "KV used", "MLX active", "Process RSS"):
         assert label in pane
     assert "reused 0 tokens" in pane
+
+
+def test_text_typed_the_moment_kvchat_starts_lands_in_the_message_box(tmp_path, embedded_model_path):
+    """Keys typed before the first frame wait in the terminal; they must reach the message box, not a scroll view."""
+    env = f"KVCHAT_HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color"
+    command = f"unset COLUMNS LINES; {env} {shlex.quote(sys.executable)} -m app; sleep 30"
+    tmux = Tmux(120, 30)
+    try:
+        tmux.start(f"cd {shlex.quote(str(ROOT))} && {command}")
+        tmux.keys("typed")  # at once, long before the app reads the terminal
+        for word in (" while", " it", " starts"):
+            time.sleep(0.15)
+            tmux.keys(word)
+        tmux.wait_for("Ready", timeout=120)  # (the terminal echoes the keys before the app starts)
+        pane = tmux.wait_for("│ typed while it starts", timeout=10)  # inside the message box
+    finally:
+        tmux.close()
+    assert "Message…" not in pane  # the placeholder gave way to the text

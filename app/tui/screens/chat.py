@@ -73,6 +73,11 @@ class ChatScreen(Screen[None]):
     soon as it is.
     """
 
+    # Focus the message box as the screen comes up, not the first focusable
+    # widget (the conversation) until on_mount: keys typed right after launch
+    # wait in the terminal and arrive in that gap, and the conversation drops them.
+    AUTO_FOCUS = "#prompt"
+
     BINDINGS = [
         Binding("escape", "stop", "Stop", tooltip="Stop the answer; the text so far is kept"),
         # Footer order: what a narrow terminal shows first (every binding is in Ctrl+P too)
