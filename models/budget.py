@@ -15,16 +15,12 @@ from typing import Any
 
 from mlx_cache import CacheConfig, predict
 from mlx_cache.convert import to_window
-from mlx_cache.memory import KVShape, max_window_in_budget, prefill_scratch, turn_scratch
+from mlx_cache.memory import KVShape, format_bytes, max_window_in_budget, prefill_scratch, turn_scratch
 
 from .errors import BudgetExceeded
 from .state import ChatState
 
 MIN_WINDOW = 64  # smallest rotating window the budget may force: less is no conversation
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
 
 
 @dataclass
@@ -79,8 +75,8 @@ class KVBudget:
         need = self.kv_need(config, tokens) + prefill_scratch(self.shape, config, 1, tokens)
         if need > self.limit:
             raise BudgetExceeded(
-                f"Session {name!r} needs about {_mib(need)} of KV cache ({tokens:,} tokens, {config.label()}) "
-                f"but the KV budget is {_mib(self.limit)}: raise the budget (--kv-budget, or F9 in the app) "
+                f"Session {name!r} needs about {format_bytes(need)} of KV cache ({tokens:,} tokens, {config.label()}) "
+                f"but the KV budget is {format_bytes(self.limit)}: raise the budget (--kv-budget, or F9 in the app) "
                 "to open it; the session is left as it is."
             )
 
@@ -98,13 +94,13 @@ class KVBudget:
             return False
         if state.stored:
             raise BudgetExceeded(
-                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.limit)}: "
+                f"This chat needs about {format_bytes(allocated)} of KV cache but the budget is {format_bytes(self.limit)}: "
                 "raise --kv-budget (F9 in the app) or start a new chat (a saved chat is never switched to a "
                 "smaller window to fit, which would replace its saved KV)."
             )
         if config.k_per_channel:
             raise BudgetExceeded(
-                f"This chat needs about {_mib(allocated)} of KV cache but the budget is {_mib(self.limit)}, "
+                f"This chat needs about {format_bytes(allocated)} of KV cache but the budget is {format_bytes(self.limit)}, "
                 "and its per-channel keys cannot move into a rotating window: raise --kv-budget or start the "
                 "chat without --kv-per-channel-keys."
             )
@@ -115,15 +111,15 @@ class KVBudget:
                 else "raise --kv-budget, quantize the cache (--kv-bits 4) or use a rotating window (--cache rotating)"
             )
             raise BudgetExceeded(
-                f"This chat needs about {_mib(allocated)} of KV cache but the budget is "
-                f"{_mib(self.limit)}: {advice}."
+                f"This chat needs about {format_bytes(allocated)} of KV cache but the budget is "
+                f"{format_bytes(self.limit)}: {advice}."
             )
         sinks = min(config.sinks, 4) if config.kind == "rotating" else 4
         rot = replace(config, kind="rotating", sinks=sinks, keep_fp=min(config.keep_fp, sinks))
         window = max_window_in_budget(self.shape, rot, self.limit)  # the window, its checkpoint and scratch
         if window < MIN_WINDOW:
             raise BudgetExceeded(
-                f"The KV budget of {_mib(self.limit)} cannot hold even a {MIN_WINDOW}-token window "
+                f"The KV budget of {format_bytes(self.limit)} cannot hold even a {MIN_WINDOW}-token window "
                 f"for this model: raise --kv-budget or quantize the cache (--kv-bits 4)."
             )
         if config.kind == "rotating":

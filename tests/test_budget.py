@@ -76,7 +76,7 @@ def test_a_session_over_the_budget_is_refused_before_loading_and_left_as_it_is(t
     message = str(refused.value)
     assert one_sentence(message), message
     assert "'big'" in message and f"{tokens:,} tokens" in message and "--kv-budget" in message
-    assert "MiB" in message and "budget is" in message
+    assert " MB" in message and "budget is" in message
     assert stored_files(tmp_path) == before
 
     # Under a budget that holds it, it opens whole, as the full cache it was.
@@ -137,7 +137,7 @@ def test_cli_refuses_a_session_over_the_budget_in_one_sentence(tiny_model_dirs, 
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]  # the model's loading lines come first
-    assert line.startswith("kvchat: Session 'trip' needs about") and "budget is 1.0 MiB" in line
+    assert line.startswith("kvchat: Session 'trip' needs about") and "budget is 1.0 MB" in line
     assert one_sentence(line)
     assert [l for l in r.stderr.strip().splitlines() if l.startswith("kvchat:")] == [line]
     assert stored_files(tmp_path) == before
@@ -168,7 +168,7 @@ def test_app_refuses_a_session_over_the_budget_in_one_sentence(tiny_models, tiny
 
     errors = asyncio.run(run())
     assert len(errors) == 1 and one_sentence(errors[0]), errors
-    assert errors[0].startswith("Session 'trip' needs about") and "budget is 1.0 MiB" in errors[0]
+    assert errors[0].startswith("Session 'trip' needs about") and "budget is 1.0 MB" in errors[0]
     assert stored_files(tmp_path) == before
 
 

@@ -86,7 +86,7 @@ def test_info_json(tiny_model_dirs, tmp_path):
     from mlx_cache import CacheConfig
     from mlx_cache.memory import KVShape, max_context, max_window_in_budget
 
-    r = kvchat("info", "-m", str(tiny_model_dirs["qwen2"]), "--json", "--kv-budget", "4MB", home=tmp_path)
+    r = kvchat("info", "-m", str(tiny_model_dirs["qwen2"]), "--json", "--kv-budget", "4MiB", home=tmp_path)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["architecture"] == "qwen2" and info["layers"] == 2 and info["kv_heads"] == 2
