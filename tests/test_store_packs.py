@@ -144,10 +144,10 @@ def test_a_flip_in_the_part_of_a_pack_a_session_does_not_use_is_still_refused(kv
 
 
 def test_a_large_pack_read_by_two_threads_while_a_third_hashes_loads_bitwise(kv, tmp_path, monkeypatch):
-    from mlx_cache.store import tensorfile
+    from mlx_cache.store import reading
 
-    monkeypatch.setattr(tensorfile, "_PARALLEL", 1)  # every file takes the path of packs over 16 MiB
-    monkeypatch.setattr(tensorfile, "_CHUNK", 4096)  # in many chunks, so both readers take some
+    monkeypatch.setattr(reading, "_PARALLEL", 1)  # every file takes the path of packs over 16 MiB
+    monkeypatch.setattr(reading, "_CHUNK", 4096)  # in many chunks, so both readers take some
     store = SessionStore(tmp_path)
     caches = caches_of(kv, N + 100)
     index = save(store, "a", list(range(N + 100)), caches)

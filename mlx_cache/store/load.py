@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import CacheConfig
-from . import hostmem, tensorfile
+from . import hostmem, reading, tensorfile
 from .errors import StoreError, corrupt
 from .index import BLOCK_TOKENS, checksum_of, kv_dtype_of, packs_of
 from .layers import Layer, check_layer, n_planes, pop_extras, unflatten_state, window_layer
@@ -70,7 +70,7 @@ def read_snapshot(name: str, blocks_dir: Path, entry: dict[str, Any], expect: st
     path = blocks_dir / entry["file"]
     algorithm, want = checksum_of(entry)
     try:
-        arrays, meta = tensorfile.read_arrays(path, entry["bytes"], algorithm, want)
+        arrays, meta = reading.read_arrays(path, entry["bytes"], algorithm, want)
     except (OSError, ValueError) as e:
         raise _read_error(name, entry, e, path) from None
     if meta.get("format") != expect or meta.get("version") not in SNAPSHOT_VERSIONS:
@@ -268,7 +268,7 @@ def read_blocks(
         algorithm, want = checksum_of(pack)
         first_key = blocks[0]["key"] if blocks[0]["start"] == pack["start"] else None
         try:
-            tensorfile.read_into(path, pack["bytes"], algorithm, want,
+            reading.read_into(path, pack["bytes"], algorithm, want,
                                  lambda h: _checked_plan(planes, pack, blocks, h, k == 0), headers, first_key)
         except (OSError, ValueError) as err:
             raise _read_error(name, pack, err, path) from None
