@@ -80,7 +80,8 @@ class ChatScreen(Screen[None]):
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", tooltip="Stop the answer; the text so far is kept"),
-        # Footer order: what a narrow terminal shows first (every binding is in Ctrl+P too)
+        # Footer order: what a narrow terminal shows first. Every binding is in Ctrl+P; the
+        # per-session keys are also in the session browser's footer, so this one leaves them out.
         Binding("ctrl+n", "new_chat", "New", tooltip="Start a new chat"),
         Binding("ctrl+o", "sessions", "Sessions", tooltip="Browse, open, rename, fork or delete saved chats"),
         Binding("ctrl+l", "pick_model", "Model", tooltip="Load another model"),
@@ -89,9 +90,9 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+t", "edit_last", "Edit", tooltip="Edit your last message and send it again"),
         Binding("ctrl+s", "system_prompt", "System", tooltip="Set the system prompt of this chat"),
         Binding("ctrl+b", "toggle_meter", "Meter", tooltip="Show or hide the memory sidebar"),
-        Binding("f2", "rename", "Rename", tooltip="Rename this chat's session"),
-        Binding("f3", "fork", "Fork", tooltip="Copy this chat into a new session and continue there"),
-        Binding("f8", "delete", "Delete", tooltip="Delete this chat's session"),
+        Binding("f2", "rename", "Rename", tooltip="Rename this chat's session", show=False),
+        Binding("f3", "fork", "Fork", tooltip="Copy this chat into a new session and continue there", show=False),
+        Binding("f8", "delete", "Delete", tooltip="Delete this chat's session", show=False),
     ]
 
     def __init__(self, ctx: ChatContext, open_store: "StoreOpener | None" = None) -> None:
