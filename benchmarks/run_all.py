@@ -168,8 +168,8 @@ def table_rotation_speed(r: dict[str, Any]) -> str:
 def table_quality(r: dict[str, Any]) -> str:
     contexts = sorted({row["context"] for row in r["results"]})
     per = r["tokens_per_context"]  # one number, or one per context where runs read different lengths
-    read = (f"{per:,} tokens" if isinstance(per, int) else
-            "; ".join(f"{int(k):,}-token context: {v:,} tokens" for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))))
+    read = (f"{per:,} tokens" if isinstance(per, int) else "tokens of the text (" + "; ".join(
+        f"{v:,} at {int(k):,}" for k, v in sorted(per.items(), key=lambda kv: int(kv[0]))) + ")")
     lines = [
         f"{r['model']}: {r['text_tokens']:,}-token public-domain novel (models/data/botchan.txt); at each context, "
         f"the first {read} in whole segments, read in chunks of {r['chunk']} through "
