@@ -101,4 +101,4 @@ class StatusLine(Horizontal):
         text.append(self._fitted(shown.content_size.width - len(prefix)) if shown.content_size.width else self.message)
         # one fixed-size line: skip the screen-wide layout pass, which the
         # spinner would otherwise trigger ten times a second during decoding
-        self.query_one("#status-text", Static).update(text, layout=False)
+        shown.update(text, layout=False)
