@@ -27,7 +27,6 @@ from .kv_base import (
     KVCacheProtocol,
     causal_mask,
     concat_planes,
-    head_dim_of,
 )
 from .quantize import Planes, slice_tokens
 from .rotating import RotatingKVCache
@@ -126,13 +125,7 @@ class FullKVCache(BaseKV):
         self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
         extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
-        self.reset()
-        self.dtype = dtype
-        self.n_kv_heads, self.head_dim = keys[0].shape[1], head_dim_of(self.kc, keys)
-        self._qattn = False
-        # re-run the attention-mode decision with the real shapes
-        probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
-        self._setup(probe, probe)
+        self._reset_for(keys, dtype)
         self.keys, self.values, self.offset = keys, values, offset
         self._restore_extras(keys, values, extras)
         if float_head is not None and self.config.quantized and self.config.keep_fp:

@@ -124,6 +124,12 @@ class BaseKV(FloatParts):
             and quantized_attention_available(c.k_bits, c.group_size, self.head_dim, keys.dtype)
         )
 
+    def _reset_for(self, keys: Planes, dtype: mx.Dtype) -> None:
+        """Empty the cache, then decide its attention mode for stored planes like `keys` in `dtype` (a load)."""
+        self.reset()
+        probe = mx.zeros((1, keys[0].shape[1], 1, head_dim_of(self.kc, keys)), dtype)
+        self._setup(probe, probe)  # sets the dtype and the shape too
+
     def _encode(self, keys: mx.array, values: mx.array) -> tuple[Planes, Planes]:
         if self.keys is None and self.dtype is None:
             self._setup(keys, values)

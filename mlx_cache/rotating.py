@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 
 from .config import CacheConfig
-from .kv_base import BaseKV, Checkpoint, causal_mask, concat_planes, head_dim_of
+from .kv_base import BaseKV, Checkpoint, causal_mask, concat_planes
 from .quantize import Planes, slice_tokens
 
 
@@ -192,11 +192,7 @@ class RotatingKVCache(BaseKV):
         self, keys: Planes, values: Planes, offset: int, dtype: mx.Dtype, float_head: tuple[mx.array, mx.array] | None = None,
         extras: dict[str, tuple[mx.array, mx.array]] | None = None,
     ) -> None:
-        self.reset()
-        self.dtype = dtype
-        self.n_kv_heads, self.head_dim = keys[0].shape[1], head_dim_of(self.kc, keys)
-        probe = mx.zeros((1, self.n_kv_heads, 1, self.head_dim), dtype)
-        self._setup(probe, probe)
+        self._reset_for(keys, dtype)
         self.keys, self.values, self.offset = keys, values, offset
         self._idx = self.tokens if self.tokens < self.capacity else self.sinks
         self._restore_extras(keys, values, extras)
