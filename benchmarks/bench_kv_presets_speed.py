@@ -108,6 +108,14 @@ def kernel_times(shape, n: int, n_heads: int, repeats: int = 30) -> list[dict]:
             times.append(time.perf_counter() - t0)
         return round(statistics.median(times) * 1e3, 3)
 
+    def split3_ms(planes2: list, planes1: list, x: mx.array) -> float:
+        # 3-bit codes as 2h + l: a 2-bit product (scales 2s) plus a 1-bit one (scales s), biases b/2 each
+        def run() -> mx.array:
+            half = planes2[2] * 0.5
+            return (mx.quantized_matmul(x, planes2[0], planes2[1] * 2, half, transpose=False, group_size=g, bits=2)
+                    + mx.quantized_matmul(x, planes1[0], planes2[1], half, transpose=False, group_size=g, bits=1))
+        return median_ms(run)
+
     rows = []
     for bits in (2, 3, 4):
         per_token = [mx.expand_dims(a, 2) for a in mx.quantize(x, group_size=g, bits=bits)]  # (B, H, 1, n, w)
@@ -125,6 +133,16 @@ def kernel_times(shape, n: int, n_heads: int, repeats: int = 30) -> list[dict]:
             "output_values_ms": median_ms(
                 lambda: mx.quantized_matmul(p, *per_token, transpose=False, group_size=g, bits=bits)),
         })
+        if bits == 3:
+            # Tried: the same codes as a 2-bit and a 1-bit part, each through MLX's own kernel.
+            tok = {b: [mx.expand_dims(a, 2) for a in mx.quantize(x, group_size=g, bits=b)] for b in (2, 1)}
+            chan = {b: [mx.expand_dims(a, 2) for a in mx.quantize(mx.swapaxes(x, -1, -2), group_size=g, bits=b)]
+                    for b in (2, 1)}
+            mx.eval(tok, chan)
+            rows[-1]["as_2_plus_1_bits"] = {
+                "scores_per_channel_keys_ms": split3_ms(chan[2], chan[1], q),
+                "output_values_ms": split3_ms(tok[2], tok[1], p),
+            }
     return rows
 
 

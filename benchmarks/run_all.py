@@ -221,6 +221,10 @@ def table_kv_presets_speed(r: dict[str, Any]) -> str:
         for k in r["kernels"]:
             lines.append(f"| {k['context']:,} | {k['bits']} | {k['scores_per_token_keys_ms']:.2f} | "
                          f"{k['scores_per_channel_keys_ms']:.2f} | {k['output_values_ms']:.2f} |")
+            if "as_2_plus_1_bits" in k:
+                s = k["as_2_plus_1_bits"]
+                lines.append(f"| {k['context']:,} | 3 as 2 + 1 | | {s['scores_per_channel_keys_ms']:.2f} | "
+                             f"{s['output_values_ms']:.2f} |")
     return "\n".join(lines)
 
 

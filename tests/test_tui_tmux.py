@@ -96,3 +96,22 @@ def test_text_typed_the_moment_kvchat_starts_lands_in_the_message_box(tmp_path, 
     finally:
         tmux.close()
     assert "Message…" not in pane  # the placeholder gave way to the text
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_footer_ends_cleanly_at_any_width(tmp_path, embedded_model_path, width):
+    """At 80 columns the keys fill the row and no letter of a hidden key is left at its edge; wide, Ctrl+P shows."""
+    env = f"KVCHAT_HOME={shlex.quote(str(tmp_path))} TERM=xterm-256color"
+    command = f"unset COLUMNS LINES; {env} {shlex.quote(sys.executable)} -m app; sleep 30"
+    tmux = Tmux(width, 24)
+    try:
+        tmux.start(f"cd {shlex.quote(str(ROOT))} && {command}")
+        pane = tmux.wait_for("Ready", timeout=120)
+    finally:
+        tmux.close()
+    footer = pane.rstrip("\n").splitlines()[-1].rstrip()
+    assert footer.startswith("^n New ^o Sessions")
+    if width == 80:
+        assert footer.endswith("^b Meter") and "palette" not in footer
+    else:
+        assert footer.endswith("^p palette")

@@ -62,6 +62,7 @@ reopen one and the next answer starts without re-reading it."""
 
 
 NARROW = 100  # terminal columns below which the memory sidebar starts hidden
+FOOTER_WIDTH = 110  # columns the chat footer needs for its keys (Stop included, while answering) and the palette key
 
 
 class ChatScreen(Screen[None]):
@@ -413,6 +414,10 @@ class ChatScreen(Screen[None]):
         # does (Ctrl+B still shows it); from NARROW columns up both fit.
         if not self._meter_chosen:
             self.query_one("#sidebar").display = event.size.width >= NARROW
+        # Textual docks the palette key over the row of keys, and where they overflow it
+        # leaves a letter of the key beneath at the edge. Below FOOTER_WIDTH columns the
+        # row fits only without it (the welcome text and the header's icon still say Ctrl+P).
+        self.query_one(Footer).show_command_palette = event.size.width >= FOOTER_WIDTH
 
     # -- shutdown -----------------------------------------------------------------
     def stop_for_exit(self) -> None:
