@@ -79,8 +79,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Window", _input(str(c.window), type="integer", id="window"), "rotating: recent tokens kept")
                 yield _row("Sinks", _input(str(c.sinks), type="integer", id="sinks"), "rotating: first tokens kept")
                 presets = [("by hand (the fields below)", _BY_HAND)] + [
-                    (f"{n}: {p.bits:.2f} bits, {p.ppl_pct:+.1f}% perplexity", n) for n, p in PRESETS.items()]
-                yield _row("Preset", _select(presets, value=_preset_of(c), id="preset"), "measured on SmolLM2 at 4K")
+                    (f"{n}: {p.bits:.2f} bits, KL {p.kl:.3f}", n) for n, p in PRESETS.items()]
+                yield _row("Preset", _select(presets, value=_preset_of(c), id="preset"), "loss (KL vs full) on SmolLM2 at 4K")
                 yield _row("Key bits", _select(bits, value=str(c.k_bits) if c.k_bits else _FP, id="k_bits"))
                 yield _row("Value bits", _select(bits, value=str(c.v_bits) if c.v_bits else _FP, id="v_bits"))
                 yield _row("Group size", _select([(str(g), str(g)) for g in SUPPORTED_GROUP_SIZES], value=str(c.group_size),
