@@ -20,6 +20,7 @@ LEVERS = [
     CacheConfig(kind="rotating", window=48, sinks=4, k_bits=4, v_bits=4, keep_fp=4, fp_window=16),
     CacheConfig(k_bits=4, v_bits=4, k_per_channel=True),  # the float tail is only the unfinished key group
     CacheConfig(k_bits=3, v_bits=3, k_per_channel=True, keep_fp=4, fp_window=16, group_size=32),
+    CacheConfig(k_bits=4, v_bits=2, k_per_channel=True, keep_fp=4, fp_window=16),  # kv4-fast's codes
 ]
 
 
@@ -109,6 +110,17 @@ def test_effective_bits_count_scales_and_floats():
     assert effective_bits(shape, CacheConfig(k_bits=4, v_bits=3, k_per_channel=True), 4100) == 4.0 + 4 * 16 / 4100
     for p in PRESETS.values():
         assert effective_bits(shape, p.config, 4096) == pytest.approx(p.bits, abs=0.005)
+
+
+def test_the_presets_show_the_numbers_of_the_quality_table():
+    """What `kvchat info` and the settings say of a preset is its 4K row in README's table (the same JSON)."""
+    import json
+    from pathlib import Path
+
+    table = json.loads((Path(__file__).parent.parent / "benchmarks/results/quality.json").read_text())
+    for name, p in PRESETS.items():
+        row = next(r for r in table["results"] if r["context"] == 4096 and r["name"] == f"preset {name}")
+        assert (p.bits, p.ppl_pct, p.kl) == (round(row["bits"], 2), round(row["ppl_vs_full_pct"], 2), round(row["kl"], 4))
 
 
 def test_trimming_keeps_the_window_float_where_it_can(tiny_models, tokens):

@@ -82,17 +82,23 @@ def test_run_quality_rows_carry_bits_and_the_full_reference(tiny_models):
 
 def test_goals_pick_the_best_layout_under_each_bit_limit():
     rows = [
-        {"context": 4096, "name": "full", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 16.0},
-        {"context": 4096, "name": "q4", "ppl": 12.0, "ppl_vs_full_pct": 20.0, "bits": 4.5},
-        {"context": 4096, "name": "a", "ppl": 10.15, "ppl_vs_full_pct": 1.5, "bits": 4.4},
-        {"context": 4096, "name": "b", "ppl": 11.0, "ppl_vs_full_pct": 10.0, "bits": 3.4},
-        {"context": 2048, "name": "c", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 3.0},  # other context
+        {"context": 4096, "name": "full", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 16.0, "kl": 0.0},
+        {"context": 4096, "name": "q4", "ppl": 12.0, "ppl_vs_full_pct": 20.0, "bits": 4.5, "kl": 0.1},
+        {"context": 4096, "name": "a", "ppl": 10.15, "ppl_vs_full_pct": 1.5, "bits": 4.4, "kl": 0.01},
+        # within 2% too, lower in perplexity by noise but further from full by KL: not the one named
+        {"context": 4096, "name": "a2", "ppl": 10.05, "ppl_vs_full_pct": 0.5, "bits": 4.0, "kl": 0.02},
+        {"context": 4096, "name": "b", "ppl": 11.0, "ppl_vs_full_pct": 10.0, "bits": 3.4, "kl": 0.05},
+        {"context": 2048, "name": "c", "ppl": 10.0, "ppl_vs_full_pct": 0.0, "bits": 3.0, "kl": 0.0},  # other context
     ]
     within, better = evaluate_goals(rows)
     assert within["met"] and within["layout"] == "a"
     assert better["met"] and better["layout"] == "b" and "5.00 points over" in better["margin"]
-    rows[3]["ppl"] = 12.5
+    rows[4].update(ppl=12.5, ppl_vs_full_pct=25.0)
     assert not evaluate_goals(rows)[1]["met"]
+    for r in rows[2:4]:
+        r["ppl_vs_full_pct"] += 2.0
+    within = evaluate_goals(rows)[0]
+    assert not within["met"] and within["layout"] == "a2"  # none within 2%: the closest in perplexity
 
 
 def parser() -> argparse.ArgumentParser:

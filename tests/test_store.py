@@ -49,6 +49,7 @@ CONFIGS = {
     "k4v3-window": CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=24),
     "q3-window": CacheConfig(k_bits=3, v_bits=3, fp_window=8),
     "q4-keys-per-channel": CacheConfig(k_bits=4, v_bits=4, k_per_channel=True, keep_fp=4, fp_window=8),
+    "k4v2-keys-per-channel": CacheConfig(k_bits=4, v_bits=2, k_per_channel=True, keep_fp=4, fp_window=96),  # kv4-fast
     "rotating-q4-window": CacheConfig(kind="rotating", window=40, sinks=4, k_bits=4, v_bits=4, keep_fp=4,
                                       fp_window=16),
 }
