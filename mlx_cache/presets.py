@@ -63,3 +63,15 @@ def preset_config(name: str, base: CacheConfig | None = None) -> CacheConfig:
         p, kind=base.kind, window=base.window, sinks=base.sinks,
         keep_fp=min(p.keep_fp, base.sinks), fp_window=min(p.fp_window, base.window), k_per_channel=False,
     )
+
+
+_LAYOUT_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "k_per_channel")
+
+
+def preset_of(config: CacheConfig) -> str | None:
+    """The preset whose quantization `config` has (on its own kind and window, as :func:`preset_config` makes it)."""
+    for name in PRESETS:
+        p = preset_config(name, config)
+        if all(getattr(p, f) == getattr(config, f) for f in _LAYOUT_FIELDS):
+            return name
+    return None

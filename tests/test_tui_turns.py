@@ -230,3 +230,16 @@ async def test_answer_stats_fit_one_status_line_from_80_columns(home, tiny):
             assert len(shown) <= text.content_size.width and text.size.height == 1, (width, shown)
             assert ("tok/s" in shown) == speed_shown, (width, shown)
             assert "tok/s" in status(app)  # the full line is still what the status says
+
+
+@sync
+async def test_sidebar_names_the_preset_a_chat_uses(home, tiny):
+    from textual.widgets import Static
+
+    from mlx_cache.presets import PRESETS
+
+    app = app_for(tiny, cache_config=PRESETS["kv4-fast"].config)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await ready(pilot)
+        info = str(screen.query_one("#info", Static).render())
+    assert "cache kv4-fast: full q4/q2" in info

@@ -173,7 +173,11 @@ class ChatScreen(Screen[None]):
                 messages = sum(1 for x in chat.messages if x["role"] != "system")
             info.append("\nChat\n", style="bold")
             info.append(f"{chat.name or 'unsaved'}\n")
-            info.append(f"cache {chat.state.config.label()}\n{messages} message{'' if messages == 1 else 's'}", style="dim")
+            from mlx_cache.presets import preset_of  # MLX is loaded once a chat exists; not before the first frame
+
+            preset = preset_of(chat.state.config)
+            info.append(f"cache {f'{preset}: ' if preset else ''}{chat.state.config.label()}\n"
+                        f"{messages} message{'' if messages == 1 else 's'}", style="dim")
         self.query_one("#info", Static).update(info)
         model = self.loaded.name if self.loaded else ("loading the model…" if self.preparing else "no model")
         where = chat.title or chat.name if chat is not None else None

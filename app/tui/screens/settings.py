@@ -13,7 +13,7 @@ from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
 from mlx_cache.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, CacheConfig, CacheConfigError
-from mlx_cache.presets import PRESETS, preset_config
+from mlx_cache.presets import PRESETS, preset_of
 from models.sample import SamplingConfig
 
 from ...settings import Settings, window_below_sinks
@@ -21,15 +21,8 @@ from ...settings import Settings, window_below_sinks
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
 #: The quantization fields a preset sets (kind, window and sinks stay the user's).
-_PRESET_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "k_per_channel")
-
-
 def _preset_of(c: CacheConfig) -> str:
-    for name in PRESETS:
-        p = preset_config(name, c)
-        if all(getattr(p, f) == getattr(c, f) for f in _PRESET_FIELDS):
-            return name
-    return _BY_HAND
+    return preset_of(c) or _BY_HAND
 
 
 def _input(value: str, **kwargs: Any) -> Input:
