@@ -215,7 +215,8 @@ def table_kv_presets_speed(r: dict[str, Any]) -> str:
     if r.get("kernels"):
         lines += ["", f"MLX's `quantized_matmul` for one layer at one decode step ({r.get('kv_dtype', 'the KV dtype')}, "
                   "median ms; per-token keys are plain caches' scores, per-channel keys the presets', values every "
-                  "quantized cache's output):", "",
+                  "quantized cache's output; \"3 as 2 + 1\": 3-bit codes as a 2-bit and a 1-bit product, tried "
+                  "and not kept):", "",
                   "| context | bits | scores, per-token keys | scores, per-channel keys | output, values |",
                   "|---:|---:|---:|---:|---:|"]
         for k in r["kernels"]:
