@@ -109,7 +109,9 @@ def kernel_times(shape, n: int, n_heads: int, repeats: int = 30) -> list[dict]:
         return round(statistics.median(times) * 1e3, 3)
 
     def split3_ms(planes2: list, planes1: list, x: mx.array) -> float:
-        # 3-bit codes as 2h + l: a 2-bit product (scales 2s) plus a 1-bit one (scales s), biases b/2 each
+        # 3-bit codes as 2h + l: a 2-bit product (scales 2s) plus a 1-bit one (scales s), biases b/2 each.
+        # The scales are doubled and the biases halved at each step, as a cache storing the codes
+        # this way would do (a second copy of them would cost bits).
         def run() -> mx.array:
             half = planes2[2] * 0.5
             return (mx.quantized_matmul(x, planes2[0], planes2[1] * 2, half, transpose=False, group_size=g, bits=2)
@@ -117,7 +119,7 @@ def kernel_times(shape, n: int, n_heads: int, repeats: int = 30) -> list[dict]:
         return median_ms(run)
 
     rows = []
-    for bits in (2, 3, 4):
+    for bits in (1, 2, 3, 4):
         per_token = [mx.expand_dims(a, 2) for a in mx.quantize(x, group_size=g, bits=bits)]  # (B, H, 1, n, w)
         per_channel = [mx.expand_dims(a, 2) for a in mx.quantize(mx.swapaxes(x, -1, -2), group_size=g, bits=bits)]
         mx.eval(per_token, per_channel)
@@ -159,8 +161,9 @@ def main() -> None:
     # and each with per-channel keys (KIVI), which attend through a transposed key layout
     layouts.update({f"{name} + per-channel keys": replace(p.config, k_per_channel=True) for name, p in PRESETS.items()
                     if not p.config.k_per_channel})
+    # (a preset's levers-only layout that is itself a preset, as kv3's is kv4-fast, is measured once, as that preset)
     levers = {f"{name}, levers only": at_most_4_bits(p.config) for name, p in PRESETS.items()
-              if at_most_4_bits(p.config) != p.config}
+              if at_most_4_bits(p.config) not in [q.config for q in PRESETS.values()]}
     diagnostic = []
     kernels = []
     for n in args.contexts:
@@ -171,14 +174,15 @@ def main() -> None:
             diagnostic.append(compare(loaded.model, loaded.kv_shape, name, cfg, n, args.steps, args.rounds))
             print(json.dumps(diagnostic[-1]), file=sys.stderr, flush=True)
         kernels += kernel_times(loaded.kv_shape, n, loaded.kv_shape.n_heads)
-        print(json.dumps(kernels[-3:]), file=sys.stderr, flush=True)
+        print(json.dumps(kernels[-4:]), file=sys.stderr, flush=True)
     argv = " ".join(sys.argv[1:])
     print(json.dumps({
         "benchmark": "kv_presets_speed", "model": loaded.name, "machine": platform.machine(),
         "device": str(mx.default_device()), "kv_dtype": str(loaded.kv_shape.dtype), "steps": args.steps,
         "rounds": args.rounds, "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "goal": f"each preset decodes within {MAX_COST:.0%} of plain q4", "results": rows,
-        "all_goals_met": all(r["goal_met"] for r in rows),
+        "goal": f"a preset decodes within {MAX_COST:.0%} of plain q4 at every context (each row says if it does)",
+        "results": rows,
+        "met_by": [name for name in layouts if all(r["goal_met"] for r in rows if r["preset"] == name)],
         "levers_only": diagnostic, "kernels": kernels,
         "_command": "python benchmarks/bench_kv_presets_speed.py" + (f" {argv}" if argv else ""),
     }, indent=1))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import mlx.core as mx
 
@@ -170,16 +170,16 @@ def evaluate_goals(rows: Sequence[Mapping[str, Any]], context: int = GOAL_CONTEX
     q4 = next((r for r in at if r["name"] == "q4"), None)
     goals = []
 
-    def best(limit: float, within: float | None = None) -> Mapping[str, Any] | None:
+    def best(limit: float, meets: Callable[[Mapping[str, Any]], bool]) -> Mapping[str, Any] | None:
         # Among the layouts that meet the goal, the closest to full by KL (perplexity changes
         # of a few tenths are inside their intervals); where none does, the closest in perplexity.
         fits = [r for r in at if r["name"] != "full" and r["bits"] <= limit + 1e-9]
-        meet = [r for r in fits if within is not None and r["ppl_vs_full_pct"] <= within]
+        meet = [r for r in fits if meets(r)]
         if meet:
             return min(meet, key=lambda r: r["kl"])
         return min(fits, key=lambda r: r["ppl"]) if fits else None
 
-    b = best(4.5, within=2.0)
+    b = best(4.5, lambda r: r["ppl_vs_full_pct"] <= 2.0)
     if b is not None:
         inc = b["ppl_vs_full_pct"]
         goals.append({
@@ -187,7 +187,7 @@ def evaluate_goals(rows: Sequence[Mapping[str, Any]], context: int = GOAL_CONTEX
             "layout": b["name"], "value": f"{inc:+.2f}% at {b['bits']:.2f} bits", "met": inc <= 2.0,
             "margin": f"{'met' if inc <= 2.0 else 'missed'} by {abs(2.0 - inc):.2f} percentage points",
         })
-    b = best(3.5, within=q4["ppl_vs_full_pct"] if q4 is not None else None)
+    b = best(3.5, lambda r: q4 is not None and r["ppl"] < q4["ppl"])
     if b is not None and q4 is not None:
         inc = b["ppl_vs_full_pct"]
         goals.append({

@@ -117,10 +117,14 @@ def test_the_presets_show_the_numbers_of_the_quality_table():
     import json
     from pathlib import Path
 
-    table = json.loads((Path(__file__).parent.parent / "benchmarks/results/quality.json").read_text())
+    results = Path(__file__).parent.parent / "benchmarks/results"
+    table = json.loads((results / "quality.json").read_text())
+    speed = json.loads((results / "kv_presets_speed.json").read_text())
     for name, p in PRESETS.items():
         row = next(r for r in table["results"] if r["context"] == 4096 and r["name"] == f"preset {name}")
         assert (p.bits, p.ppl_pct, p.kl) == (round(row["bits"], 2), round(row["ppl_vs_full_pct"], 2), round(row["kl"], 4))
+        fast = next(r for r in speed["results"] if r["context"] == 8192 and r["preset"] == name)
+        assert p.cpu_speed == round(fast["ratio"], 2)
 
 
 def test_trimming_keeps_the_window_float_where_it_can(tiny_models, tokens):

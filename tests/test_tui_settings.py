@@ -251,6 +251,8 @@ async def test_settings_preset_fills_the_kv_fields_and_is_saved(home, tiny):
         app.screen.query_one("#preset", Select).value = "kv3"
         fp_window = app.screen.query_one("#fp_window", Input)
         await until(pilot, lambda: fp_window.value == str(PRESETS["kv3"].config.fp_window))
+        # beside the menu: what the chosen preset was measured to cost
+        assert str(app.screen.query_one("#preset-hint").render()) == PRESETS["kv3"].note
         await pilot.press("ctrl+s")
         await until(pilot, lambda: settings_path().is_file())
     data = json.loads(settings_path().read_text())

@@ -26,8 +26,8 @@ _BY_HAND = ("k_bits", "v_bits", "kv_group_size", "kv_keep_fp", "kv_rotate", "kv_
 def add_kv_quality_args(g: Any, number: Callable[..., Any], max_tokens: int) -> None:
     """Add the flags to the argparse group `g`; `number` is the CLI's range-checking type factory."""
     g.add_argument("--kv-preset", choices=PRESET_NAMES,
-                   help="a measured low-bit layout: kv4 (~4.4 bits), kv4-fast (~3.9 bits, no 3-bit codes) "
-                        "or kv3 (~3.4 bits); see `kvchat info`")
+                   help="a measured low-bit layout: kv4 (~4.4 bits, closest to full), kv4-fast (~3.9 bits, "
+                        "q4's decode speed on a CPU) or kv3 (~3.4 bits); see `kvchat info`")
     g.add_argument("--kv-fp-window", type=number("--kv-fp-window", 0, max_tokens, integer=True),
                    help="most recent tokens kept unquantized (quantized once they leave)")
     g.add_argument("--kv-per-channel-keys", action="store_true", default=None,
@@ -68,7 +68,7 @@ def preset_rows(shape: Any, budget: int, max_context: int | None) -> list[dict[s
             "name": name, "summary": p.summary, "cache": p.config.label(), "max_context_in_budget": n,
             "bits_at_4k": round(effective_bits(shape, p.config, 4096), 2),
             "measured": {"model": "SmolLM2-135M-Instruct", "context": 4096, "bits": p.bits, "ppl_vs_full_pct": p.ppl_pct,
-                         "kl": p.kl},
+                         "kl": p.kl, "cpu_decode_vs_q4_at_8k": p.cpu_speed},
         })
     return rows
 
@@ -79,7 +79,7 @@ def format_preset_rows(rows: list[dict[str, Any]]) -> list[str]:
         m = r["measured"]
         lines.append(
             f"{r['name']:>16}  {r['max_context_in_budget']:,} tokens in budget, {r['bits_at_4k']:.2f} bits/element here; "
-            f"measured {m['ppl_vs_full_pct']:+.1f}% perplexity, KL {m['kl']:.3f} at {m['bits']:.2f} bits "
-            f"({r['summary']})"
+            f"measured {m['ppl_vs_full_pct']:+.1f}% perplexity, KL {m['kl']:.3f} at {m['bits']:.2f} bits, "
+            f"CPU decode {m['cpu_decode_vs_q4_at_8k']:.2f}x q4 ({r['summary']})"
         )
     return lines

@@ -33,13 +33,20 @@ def _select(options: list[tuple[str, str]], **kwargs: Any) -> Select[str]:
     return Select(options, compact=True, allow_blank=False, **kwargs)
 
 
-def _row(label: str, widget: Widget, hint: str = "") -> Horizontal:
+def _row(label: str, widget: Widget, hint: str = "", hint_id: str | None = None) -> Horizontal:
     return Horizontal(
         Label(label, classes="form-label"),
         widget,
-        Label(hint, classes="form-hint"),
+        Label(hint, classes="form-hint", id=hint_id),
         classes="form-row",
     )
+
+
+_PRESET_HINT = "loss (KL vs full) on SmolLM2 at 4K"
+
+
+def _preset_hint(name: str) -> str:
+    return PRESETS[name].note if name in PRESETS else _PRESET_HINT
 
 
 class SettingsScreen(ModalScreen[Settings | None]):
@@ -73,7 +80,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield _row("Sinks", _input(str(c.sinks), type="integer", id="sinks"), "rotating: first tokens kept")
                 presets = [("by hand (the fields below)", _BY_HAND)] + [
                     (f"{n}: {p.bits:.2f} bits, KL {p.kl:.3f}", n) for n, p in PRESETS.items()]
-                yield _row("Preset", _select(presets, value=_preset_of(c), id="preset"), "loss (KL vs full) on SmolLM2 at 4K")
+                yield _row("Preset", _select(presets, value=_preset_of(c), id="preset"), _preset_hint(_preset_of(c)),
+                           hint_id="preset-hint")
                 yield _row("Key bits", _select(bits, value=str(c.k_bits) if c.k_bits else _FP, id="k_bits"))
                 yield _row("Value bits", _select(bits, value=str(c.v_bits) if c.v_bits else _FP, id="v_bits"))
                 yield _row("Group size", _select([(str(g), str(g)) for g in SUPPORTED_GROUP_SIZES], value=str(c.group_size),
@@ -112,6 +120,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
 
     @on(Select.Changed, "#preset")
     def _preset_chosen(self, event: Select.Changed) -> None:
+        self.query_one("#preset-hint", Label).update(_preset_hint(str(event.value)))
         if event.value == _BY_HAND or event.value not in PRESETS:
             return
         p = PRESETS[str(event.value)].config
