@@ -2,8 +2,10 @@
 
 Each preset is a quantized :class:`CacheConfig` built from the levers that
 measured best on the embedded model (README, "Low-bit KV: quality"); the
-numbers here are that table's, at 4K tokens of context, so `kvchat info` and
-the settings screen can show them without running anything.
+numbers here are that table's, at 4K tokens of context, and the decode-speed
+table's at 8K, so `kvchat info` and the settings screen can show them without
+running anything (tests/test_kv_levers.py checks them against the JSON the
+tables are made from).
 """
 
 from __future__ import annotations
