@@ -2,7 +2,8 @@
 
 Each preset is a quantized :class:`CacheConfig` built from the levers that
 measured best on the embedded model (README, "Low-bit KV: quality"); the
-numbers here are that table's, at 4K tokens of context, and the decode-speed
+numbers here are that table's at 4K tokens of context on the protocol's
+16,384 tokens of text (``quality_protocol.json``), and the decode-speed
 table's at 8K, so `kvchat info` and the settings screen can show them without
 running anything (tests/test_kv_levers.py checks them against the JSON the
 tables are made from).
@@ -40,20 +41,20 @@ PRESETS: dict[str, Preset] = {
             "kv4",
             CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, k_per_channel=True),
             "4-bit per-channel keys, 3-bit values, float sinks and last 96 tokens",
-            bits=4.39, ppl_pct=0.21, kl=0.0042, cpu_speed=0.68,
+            bits=4.39, ppl_pct=0.41, kl=0.0059, cpu_speed=0.68,
         ),
         Preset(
             "kv4-fast",
             CacheConfig(k_bits=4, v_bits=2, keep_fp=4, fp_window=96, k_per_channel=True),
             "4-bit per-channel keys, 2-bit values, float sinks and last 96 tokens; no 3-bit codes, so it "
             "decodes at plain q4's speed on a CPU (kv4 is closer to full)",
-            bits=3.89, ppl_pct=-0.46, kl=0.0193, cpu_speed=1.06,
+            bits=3.89, ppl_pct=0.67, kl=0.0215, cpu_speed=1.06,
         ),
         Preset(
             "kv3",
             CacheConfig(k_bits=3, v_bits=2, keep_fp=4, fp_window=96, k_per_channel=True),
             "3-bit per-channel keys, 2-bit values, float sinks and last 96 tokens",
-            bits=3.39, ppl_pct=0.87, kl=0.0279, cpu_speed=0.67,
+            bits=3.39, ppl_pct=1.78, kl=0.0327, cpu_speed=0.67,
         ),
     )
 }
