@@ -75,6 +75,7 @@ def preset_config(name: str, base: CacheConfig | None = None) -> CacheConfig:
     )
 
 
+#: The quantization fields a preset sets (kind, window and sinks stay the user's).
 _LAYOUT_FIELDS = ("k_bits", "v_bits", "group_size", "rotate", "keep_fp", "fp_window", "k_per_channel")
 
 

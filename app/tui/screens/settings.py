@@ -20,7 +20,8 @@ from ...settings import Settings, window_below_sinks
 
 _FP = "float"  # the Select value meaning "not quantized" (the model's own float type)
 _BY_HAND = "by hand"  # the preset Select value meaning "the fields below as they are"
-#: The quantization fields a preset sets (kind, window and sinks stay the user's).
+
+
 def _preset_of(c: CacheConfig) -> str:
     return preset_of(c) or _BY_HAND
 
