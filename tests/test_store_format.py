@@ -20,6 +20,7 @@ from models.sample import GREEDY
 
 from store_v1_writer import write_v1
 from store_v2_writer import write_v2
+from store_v3_writer import write_v3
 
 SAMPLING = GREEDY.with_(max_tokens=6)
 LONG = "Answer in the voice of a patient teacher who explains every step. " * 9  # more than two blocks of tokens
@@ -63,15 +64,15 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_v1_and_v2_sessions_open_bitwise_and_move_to_v3_on_the_next_save(engine, tmp_path, kind, version):
+def test_v1_v2_and_v3_sessions_open_bitwise_and_move_to_v4_on_the_next_save(engine, tmp_path, kind, version):
     config = CONFIGS[kind]
     live = Chat(engine, config, SAMPLING)
     live.set_system(LONG) if config.kind == "full" else None
     turn(live, "Hello there, how are you doing today my friend?")
     root = tmp_path / "home"
-    (write_v1 if version == 1 else write_v2)(root, "old", messages=live.messages, tokens=live.state.tokens, caches=live.state.caches,
+    {1: write_v1, 2: write_v2, 3: write_v3}[version](root, "old", messages=live.messages, tokens=live.state.tokens, caches=live.state.caches,
              cache_config=config, model_name=engine.loaded.name, model_fingerprint=engine.loaded.fingerprint,
              sampling=SAMPLING.to_dict(), title="old")
     store = SessionStore(root)
@@ -89,13 +90,14 @@ def test_v1_and_v2_sessions_open_bitwise_and_move_to_v3_on_the_next_save(engine,
     turn(resumed, "Tell me more.")
     resumed.close()
     index = json.loads((root / "sessions" / "old.json").read_text())
-    assert index["version"] == 3 and index["checksum"].startswith("xxh3_128:")
+    assert index["version"] == 4 and index["checksum"].startswith("xxh3_128:")
     if config.kind == "full":
         kept = [e for e in index["kv"]["packs"] if f"blocks/{e['file']}" in v1_files]
-        assert kept and all(e["end"] - e["start"] == 256 for e in kept)  # unchanged old blocks are kept, not rewritten
-        assert all(("sha256" in e) == (version == 1) for e in kept)  # with the checksum they were written with
+        assert kept and all(e["end"] - e["start"] == 256 or version == 3 for e in kept)  # unchanged old files are kept
+        # with the checksum they were written with
+        assert all(("sha256" if version == 1 else "xxh3_128") in e for e in kept)
         new = [e for e in index["kv"]["packs"] if e not in kept]
-        assert new and all(e["file"] not in v1_files for e in new)
+        assert new and all(e["file"] not in v1_files and "xxh3_128_mib" in e for e in new)
     again = Chat.open(engine, store, "old", sampling=SAMPLING)
     assert same_caches(resumed.state.caches, again.state.caches)
     again.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+import xxhash
 
 from mlx_cache import CacheConfig, FullKVCache
 from mlx_cache.store import SessionCorrupt, SessionStore
@@ -143,25 +144,65 @@ def test_a_flip_in_the_part_of_a_pack_a_session_does_not_use_is_still_refused(kv
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == before
 
 
-def test_a_large_pack_read_by_two_threads_while_a_third_hashes_loads_bitwise(kv, tmp_path, monkeypatch):
-    from mlx_cache.store import reading
+def _each_flip_is_refused(store: SessionStore, name: str, path: Path, positions: list[int], layers: int) -> None:
+    for pos in positions:
+        data = bytearray(path.read_bytes())
+        data[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(SessionCorrupt):
+            store.load(name, [FullKVCache(CONFIG) for _ in range(layers)])
+        data[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bytes(data))
 
-    monkeypatch.setattr(reading, "_PARALLEL", 1)  # every file takes the path of packs over 16 MiB
-    monkeypatch.setattr(reading, "_CHUNK", 4096)  # in many chunks, so both readers take some
+
+def test_the_segmented_checksum_is_the_xxh3_of_each_mib_s_xxh3_and_catches_a_flip_in_any_segment(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    caches = caches_of(kv, N, layers=12)
+    entry = save(store, "a", list(range(N)), caches)["kv"]["packs"][0]
+    path = store.blocks_dir / entry["file"]
+    data = path.read_bytes()
+    seg = 1 << 20
+    assert len(data) > 2 * seg  # three segments, the last one short
+    # the definition in docs/session-format.md, computed here with xxhash alone
+    want = xxhash.xxh3_128_hexdigest(b"".join(xxhash.xxh3_128_digest(data[i:i + seg]) for i in range(0, len(data), seg)))
+    assert entry["xxh3_128_mib"] == want
+    assert "xxh3_128" not in entry and "sha256" not in entry
+    # the header, both sides of each segment boundary, the last byte
+    _each_flip_is_refused(store, "a", path, [3, 200, seg - 1, seg, 2 * seg - 1, 2 * seg, len(data) - 1], 12)
+    assert loads_as(store, "a", caches)
+
+
+def test_a_pack_read_by_two_threads_a_segment_at_a_time_loads_bitwise(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import checksum
+
+    monkeypatch.setattr(checksum, "SEGMENT", 4096)  # many segments, so both threads take some, for save and load
     store = SessionStore(tmp_path)
     caches = caches_of(kv, N + 100)
     index = save(store, "a", list(range(N + 100)), caches)
     assert loads_as(store, "a", caches)
     path = store.blocks_dir / index["kv"]["packs"][0]["file"]
     size = path.stat().st_size
-    for pos in (size // 4, size // 2 + 1, size - 1):  # in each half of the scatter, and the last byte
-        data = bytearray(path.read_bytes())
-        data[pos] ^= 1
-        path.write_bytes(bytes(data))
-        with pytest.raises(SessionCorrupt):
-            store.load("a", [FullKVCache(CONFIG) for _ in range(2)])
-        data[pos] ^= 1
-        path.write_bytes(bytes(data))
+    assert size > 50 * 4096
+    _each_flip_is_refused(store, "a", path, [size // 4, size // 2 + 1, 4095, 4096, size - 1], 2)
+    assert loads_as(store, "a", caches)
+
+
+def test_a_v3_pack_read_by_two_threads_while_a_third_hashes_loads_bitwise(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import reading
+    from store_v3_writer import write_v3
+
+    monkeypatch.setattr(reading, "_PARALLEL", 1)  # every file takes the path of v3 packs over 16 MiB
+    monkeypatch.setattr(reading, "_CHUNK", 4096)  # in many chunks, so both readers take some
+    caches = caches_of(kv, N + 100)
+    write_v3(tmp_path, "a", messages=[], tokens=list(range(N + 100)), caches=caches, cache_config=CONFIG,
+             model_name="m", model_fingerprint="f", sampling={}, title="a")
+    store = SessionStore(tmp_path)
+    index, version = store.index("a")
+    assert version == 3 and all("xxh3_128" in p for p in index["kv"]["packs"])
+    assert loads_as(store, "a", caches)
+    path = store.blocks_dir / index["kv"]["packs"][0]["file"]
+    size = path.stat().st_size
+    _each_flip_is_refused(store, "a", path, [size // 4, size // 2 + 1, size - 1], 2)  # each half of the scatter, the end
     assert loads_as(store, "a", caches)
 
 

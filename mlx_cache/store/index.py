@@ -1,12 +1,14 @@
 """The session index: its strict schema, its bytes and checksum, and the values read from it.
 
-Version 3 (written now) lists the KV files in ``kv.packs`` (a pack holds the
+Version 4 (written now) is version 3 with new KV files checked by segments
+(``xxh3_128_mib``, see ``checksum.py``); files kept from older sessions keep
+their checksums. Version 3 lists the KV files in ``kv.packs`` (a pack holds the
 blocks of a token range, see ``packs.py``) and each block names its pack.
 Version 2 named one file per block (with its size and checksum) and differed
 from version 1 in three fields: the index checksum is xxh3-128
 (``"checksum": "xxh3_128:<hex>"``, sha256 hex in v1), new KV files carry an
 ``xxh3_128`` checksum (files kept from a v1 session keep their ``sha256``),
-and ``kv.dtype`` records the float type the KV was computed in. All three
+and ``kv.dtype`` records the float type the KV was computed in. All four
 versions are read; see ``docs/session-format.md``.
 
 Anything malformed is refused even when its checksum is valid: a checksum only
@@ -29,8 +31,8 @@ from ..config import CacheConfig, CacheConfigError
 from .tensorfile import CHECKSUMS
 
 FORMAT_NAME = "kvchat-session"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 BLOCK_TOKENS = 256  # tokens per KV block: small enough to share system prompts, big enough to keep files few
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -38,7 +40,10 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 #: suffix), window snapshots (w-) and checkpoints (c-). Nothing else, so an index
 #: can never point outside the blocks folder.
 FILE_RE = re.compile(r"(?:[0-9a-f]{64}(?:-[0-9a-f]{16})?|[wc]-(?:[0-9a-f]{64}|[0-9a-f]{32}))\.safetensors\Z")
-_HEX = {"xxh3_128": re.compile(r"[0-9a-f]{32}\Z"), "sha256": re.compile(r"[0-9a-f]{64}\Z")}
+_HEX = {"xxh3_128_mib": re.compile(r"[0-9a-f]{32}\Z"), "xxh3_128": re.compile(r"[0-9a-f]{32}\Z"),
+        "sha256": re.compile(r"[0-9a-f]{64}\Z")}
+# the checksums a file entry may carry in each version (entries kept from older sessions keep theirs)
+_ENTRY_CHECKSUMS = {1: ("sha256",), 2: ("xxh3_128", "sha256"), 3: ("xxh3_128", "sha256"), 4: CHECKSUMS}
 _KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 
@@ -52,7 +57,7 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def index_bytes(index: dict[str, Any]) -> bytes:
-    """A version-2 or -3 index file: canonical JSON with its xxh3-128 checksum as the first key.
+    """A version-2 or later index file: canonical JSON with its xxh3-128 checksum as the first key.
 
     The checksum covers the bytes that follow it (see :func:`checksum_ok`).
     """
@@ -63,7 +68,7 @@ def index_bytes(index: dict[str, Any]) -> bytes:
 def checksum_ok(version: int, checksum: Any, body: dict[str, Any], raw: bytes) -> bool:
     """Whether the index file's bytes pass their checksum.
 
-    Versions 2 and 3: the file is ``{"checksum":"xxh3_128:<hex>",`` and then the rest
+    Versions 2 to 4: the file is ``{"checksum":"xxh3_128:<hex>",`` and then the rest
     of the canonical JSON, as :func:`index_bytes` writes it, and the checksum
     covers those bytes exactly. (Checking the canonical JSON of the parsed
     value instead would let a flipped digit through where it names the same
@@ -160,7 +165,7 @@ def _config(x: Any, what: str) -> None:
         raise SchemaError(f"{what} is not a cache configuration ({e})") from None
 
 
-def _file_entry(e: Any, what: str, nullable_file: bool = False) -> None:
+def _file_entry(e: Any, what: str, version: int, nullable_file: bool = False) -> None:
     _dict(e, what, ("file", "bytes"))
     if nullable_file and e["file"] is None:
         _need(e["bytes"] == 0, f"{what} names no file but has bytes")
@@ -169,6 +174,7 @@ def _file_entry(e: Any, what: str, nullable_file: bool = False) -> None:
     _need(_int(e["bytes"], 1), f"{what} has a bad size")
     algorithms = [a for a in CHECKSUMS if a in e]
     _need(len(algorithms) == 1, f"{what} has no checksum")
+    _need(algorithms[0] in _ENTRY_CHECKSUMS[version], f"{what} has a checksum its format version does not know")
     _need(isinstance(e[algorithms[0]], str) and bool(_HEX[algorithms[0]].match(e[algorithms[0]])), f"{what} has a bad checksum")
 
 
@@ -230,7 +236,7 @@ def validate(index: dict[str, Any], version: int) -> None:
         _need(isinstance(kv.get("packs"), list), "kv.packs is not a list")
         for p, e in enumerate(kv["packs"]):
             _dict(e, f"pack {p}", ("start", "end"))
-            _file_entry(e, f"pack {p}")
+            _file_entry(e, f"pack {p}", version)
             _need(_int(e["start"]) and _int(e["end"]) and e["end"] > e["start"] and e["start"] % kv["block_tokens"] == 0,
                   f"pack {p} has a bad token range")
             _need(e["file"] not in packs, f"pack {p} is listed twice")
@@ -247,7 +253,7 @@ def validate(index: dict[str, Any], version: int) -> None:
                   and (e["start"] - pack["start"]) % kv["block_tokens"] == 0, f"block {j} lies outside its pack")
             used.add(e["file"])
         else:
-            _file_entry(e, f"block {j}")
+            _file_entry(e, f"block {j}", version)
         _need(isinstance(e["key"], str) and bool(_KEY_RE.match(e["key"])), f"block {j} has a bad key")
         _need(_int(e["start"]) and _int(e["end"]) and e["start"] == expected and e["end"] > e["start"], "block ranges")
         _need(e["end"] - e["start"] <= kv["block_tokens"], f"block {j} is longer than a block")
@@ -261,11 +267,11 @@ def validate(index: dict[str, Any], version: int) -> None:
         _need(all(layer["offset"] == len(tokens) for layer in kv["layers"] if layer["kind"] == "blocks"),
               "a layer holds another number of tokens than the chat")
     if kv["window"] is not None:
-        _file_entry(kv["window"], "the window snapshot")
+        _file_entry(kv["window"], "the window snapshot", version)
     cp = kv["checkpoint"]
     if cp is not None:
         _dict(cp, "the checkpoint", ("position", "offsets"))
-        _file_entry(cp, "the checkpoint", nullable_file=True)
+        _file_entry(cp, "the checkpoint", version, nullable_file=True)
         _need(_int(cp["position"], 0, len(tokens)), "the checkpoint's position")
         _need(isinstance(cp["offsets"], list) and len(cp["offsets"]) == len(kv["layers"])
               and all(_int(o) for o in cp["offsets"]), "the checkpoint's offsets")

@@ -181,15 +181,15 @@ def fork(store: "SessionStore", src: str, new: str) -> None:
     src = store.resolve(src)
     store_lock = store.store_lock()
     try:
-        index, _ = store.index(src)
+        index, version = store.index(src)
         store.check_files(src, index)
         with store.guard(new):
             if store.exists(new):
                 raise StoreError(f"A session named {store.resolve(new)!r} already exists: choose another name for the fork.")
             now = time.time()
-            # v1 entries are valid v2 ones; a v3 index (packs) stays v3
+            # v1 entries are valid v2 ones; a v3 or v4 index keeps its version (a v4 one may hold v4 checksums)
             # Two chats with one title could not be told apart in a list: the fork says what it is.
-            index.update(created=now, updated=now, version=3 if "packs" in index["kv"] else 2,
+            index.update(created=now, updated=now, version=max(version, 2),
                          title=f"{index['title'] or src} (fork)")
             index["kv"].setdefault("dtype", _dtype(index))
             try:

@@ -4,9 +4,12 @@
 in file order, the buffers a file's tensor bytes go to (for a pack, each
 head's token range of each layer's plane), ``preadv`` scatters the bytes
 there, and the checksum runs over the header and then over those buffers,
-so it checks the very bytes the caches will use. A large file is read in
-chunks by two threads while a third hashes the chunks in file order (all
-three release the GIL). :func:`read_arrays` reads a small file whole into new
+so it checks the very bytes the caches will use. A file with the segmented
+checksum of version 4 (see :mod:`.checksum`) is read by two threads, each
+reading a 1 MiB segment and hashing it at once while it is in that core's
+cache; an older file (one xxh3-128 or sha256 over the whole file) is read in
+chunks by two threads while a third hashes the chunks in file order. All of
+them release the GIL. :func:`read_arrays` reads a small file whole into new
 arrays the same way.
 """
 
@@ -22,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from . import checksum
 from .hostmem import HOST, runs
 from .tensorfile import Header, HeaderCache, Plan, in_file_order, new_hash, parse_header, read_head
 
@@ -92,15 +96,61 @@ def _scatter_and_hash(fd: int, chunks: list[list[memoryview]], offset: int, h: A
         raise failed[0]
 
 
+def _read_segments(fd: int, head: memoryview, iov: list[memoryview]) -> str:
+    """Read `iov` (the file after its header `head`) and return the file's segmented checksum.
+
+    Two threads (this one and a pool thread) claim 1 MiB segments in turn;
+    each reads its segment's bytes into their buffers with ``preadv`` and
+    hashes the segment right away, from the header bytes already read and
+    those buffers, so every byte is checked as the caches will use it.
+    """
+    segments = _chunks([head, *iov], checksum.SEGMENT)
+    starts = [0]
+    for seg in segments[:-1]:
+        starts.append(starts[-1] + sum(b.nbytes for b in seg))
+    header_end = head.nbytes
+    digests: list[bytes] = [b""] * len(segments)
+    failed: list[BaseException] = []
+    claim = itertools.count()
+
+    def work() -> None:
+        while not failed:
+            k = next(claim)
+            if k >= len(segments):
+                return
+            try:
+                at, todo = starts[k], []
+                for b in segments[k]:  # the header's pieces are read already (they end where the tensors start)
+                    if at >= header_end:
+                        todo.append(b)
+                    at += b.nbytes
+                if todo:
+                    n = sum(b.nbytes for b in todo)
+                    _preadv_all(fd, todo, at - n, n)
+                digests[k] = checksum.segment_digest(segments[k])
+            except BaseException as e:  # re-raised by the caller's thread
+                failed.append(e)
+
+    helper = _readers.submit(work) if len(segments) > 1 else None
+    try:
+        work()
+    finally:
+        if helper is not None:
+            helper.result()
+    if failed:
+        raise failed[0]
+    return checksum.combine(digests)
+
+
 def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
               headers: HeaderCache | None = None, vary: str | None = None) -> Header:
     """Read the file at `path` into the buffers `plan` names and check its checksum.
 
     The tensor bytes go straight to their buffers with ``preadv``, and the
-    checksum runs over the header and then over those buffers in file order,
-    a chunk at a time right after each chunk is read, so it checks every byte
-    of the file as it was read and finds it still in the CPU's cache. A large
-    file is read by two threads while a third hashes (all release the GIL).
+    checksum runs over the header and then over those buffers right after
+    each segment or chunk is read, so it checks every byte of the file as it
+    was read and finds it still in the CPU's cache (see the module's
+    docstring for the threads).
     The buffers `plan` returns must not overlap.
 
     Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
@@ -118,6 +168,10 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
         end = max((t.end for t in header.tensors.values()), default=header.size)
         if size > end:
             iov.append(memoryview(bytearray(size - end)))
+        if algorithm == checksum.SEGMENTED:
+            if _read_segments(fd, memoryview(head)[: header.size], iov) != expected:
+                raise ValueError("fails its checksum")
+            return header
         h = new_hash(algorithm)
         h.update(head[: header.size])
         if size - header.size >= _PARALLEL:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import mlx.core as mx
 
 from ..config import CacheConfig
-from . import durable, tensorfile
+from . import checksum, durable, tensorfile
 from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
                     index_bytes, packs_of)
 from .layers import checkpoint_arrays, describe, snapshot_arrays
@@ -96,7 +96,7 @@ def _same_file(path: Path, size: int, digest: str) -> bool:
     try:
         if path.stat().st_size != size:
             return False
-        return tensorfile.digest("xxh3_128", [durable.read_file(path)]) == digest
+        return tensorfile.digest(checksum.WRITE, [durable.read_file(path)]) == digest
     except OSError:
         return False
 
@@ -119,9 +119,9 @@ class _Saver:
         if not arrays:
             return None
         buffers = tensorfile.encode(arrays, {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION})
-        digest = tensorfile.digest("xxh3_128", buffers)
+        digest = tensorfile.digest(checksum.WRITE, buffers)
         size = tensorfile.size_of(buffers)
-        entry = {"file": f"{prefix}-{digest}.safetensors", "bytes": size, "xxh3_128": digest}
+        entry = {"file": f"{prefix}-{digest}.safetensors", "bytes": size, checksum.WRITE: digest}
         if not _same_file(self.dir / entry["file"], size, digest):
             st = self.stage(f"{prefix}-{digest}", buffers, alt=False)
             st.digest, st.file, st.entry = digest, entry["file"], entry
@@ -217,10 +217,10 @@ def _shared(saver: _Saver, ours: PlaneRows, keys: list[str], bounds: list[tuple[
     try:
         if not same_rows(path, header, info, ours, lo, hi):
             return 0, None, True
-        digest = tensorfile.file_checksum(path, size, "xxh3_128")
+        digest = tensorfile.file_checksum(path, size, checksum.WRITE)
     except (OSError, ValueError):
         return 0, None, True
-    return m, {"file": path.name, "start": info.start, "end": info.end, "bytes": size, "xxh3_128": digest}, True
+    return m, {"file": path.name, "start": info.start, "end": info.end, "bytes": size, checksum.WRITE: digest}, True
 
 
 def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
@@ -329,9 +329,9 @@ def save_session(
             syncs = [pool.submit(durable.sync_path, st.tmp) for st in saver.staged]
             for st in saver.staged:  # while the drive syncs: the checksums (xxh3 releases the GIL)
                 if not st.digest:
-                    st.digest = tensorfile.digest("xxh3_128", st.buffers)
+                    st.digest = tensorfile.digest(checksum.WRITE, st.buffers)
                     st.file = st.expected_name()
-                    st.entry.update(file=st.file, xxh3_128=st.digest)
+                    st.entry.update({"file": st.file, checksum.WRITE: st.digest})
                 st.buffers = []
             index = make_index()
             data = index_bytes(index)

@@ -8,13 +8,11 @@ serialization copy. This module also parses and checks headers and lays out
 a file's buffers in file order for :mod:`.reading`, which reads the tensor
 bytes straight into their final buffers.
 
-Checksums: xxh3-128 (``xxhash``), which hashes at memory speed and releases the
-GIL, so it runs beside the threads that read; version-1 files carry sha256.
+Checksums: see :mod:`.checksum` (xxh3-128 by 1 MiB segments, from ``xxhash``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -25,8 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 
 import mlx.core as mx
-import xxhash
-
+from . import checksum
 from .hostmem import ITEMSIZE, ST_CODES, Rows, host_view, runs
 
 #: Tensor dtypes a session may hold; anything else in a file is refused.
@@ -47,15 +44,8 @@ _FIRST_READ = 1 << 16  # header bytes read up front: a block's header fits in on
 
 # -- checksums ----------------------------------------------------------------------
 
-CHECKSUMS = ("xxh3_128", "sha256")  # field names in an index's file entries, preferred first
-
-
-def new_hash(algorithm: str):  # type: ignore[no-untyped-def]
-    if algorithm == "xxh3_128":
-        return xxhash.xxh3_128()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise ValueError(f"unknown checksum {algorithm}")
+CHECKSUMS = checksum.CHECKSUMS  # field names in an index's file entries, preferred first
+new_hash = checksum.new_hash
 
 
 def digest(algorithm: str, buffers: Sequence[memoryview | bytes]) -> str:
