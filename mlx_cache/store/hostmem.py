@@ -81,6 +81,11 @@ class _Unfilled(io.RawIOBase):
         return n
 
 
+def zero_filled(shape: tuple[int, ...], dtype: mx.Dtype) -> bool:
+    """Whether :func:`empty` gives an array of this shape zero-filled (small ones are)."""
+    return math.prod(shape) * dtype.size < _EMPTY_MIN
+
+
 def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx.array]:
     """New MLX arrays whose contents are left as the allocator gives them (the caller fills them).
 
@@ -91,8 +96,7 @@ def empty(specs: Mapping[str, tuple[tuple[int, ...], mx.Dtype]]) -> dict[str, mx
     unwritten arrays. Falls back to ``mx.zeros`` if MLX ever loads otherwise.
     """
     # mx.load costs ~50 us a tensor: small ones are cheaper zero-filled
-    small = {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items()
-             if math.prod(shape) * dtype.size < _EMPTY_MIN}
+    small = {name: mx.zeros(shape, dtype) for name, (shape, dtype) in specs.items() if zero_filled(shape, dtype)}
     specs = {name: spec for name, spec in specs.items() if name not in small}
     if not specs:
         return small

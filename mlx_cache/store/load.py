@@ -132,7 +132,9 @@ class _Planes:
             for tname, (shape, dtype) in specs.items():
                 self.hosts[tname] = np.empty(shape, hostmem.HOST[ST_CODES[dtype_name(dtype)]])
         for tname, h in self.hosts.items():
-            if not tname.endswith("fp"):
+            if tname.endswith("fp") or h.shape[2] == self.n_tokens:
+                continue
+            if not (direct and hostmem.zero_filled(*specs[tname])):
                 h[:, :, self.n_tokens :, :] = 0  # the growth headroom, never read, but kept deterministic
         for tname, h in self.hosts.items():
             self.flat[tname] = memoryview(h.reshape(-1)).cast("B")
