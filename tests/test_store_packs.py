@@ -241,3 +241,24 @@ def test_a_quantized_session_with_a_float_head_shares_part_of_a_pack_bitwise(tmp
     b = put("b", 5 * BLOCK_TOKENS + 9)
     assert b["kv"]["blocks"][0]["file"] == a["kv"]["packs"][0]["file"]  # 5 of its 8 blocks: shared
     assert same("a", N) and same("b", 5 * BLOCK_TOKENS + 9)
+
+
+def test_headers_that_differ_only_in_metadata_are_parsed_once_and_each_keeps_its_own_metadata():
+    from mlx_cache.store import tensorfile
+
+    arrays = {"0.k.0": mx.zeros((1, 2, 256, 16), mx.float16), "0.v.0": mx.ones((1, 2, 256, 16), mx.float16)}
+
+    def head(metadata: dict) -> tuple[bytes, int]:
+        buffers = tensorfile.encode(arrays, metadata)
+        return bytes(buffers[0]), tensorfile.size_of(buffers)
+
+    cache = tensorfile.HeaderCache()
+    first = cache.parse(*head({"format": "kvchat-pack", "start": "256", "keys": "a"}))
+    again = cache.parse(*head({"format": "kvchat-pack", "start": "512", "keys": "b"}))
+    assert again.tensors is first.tensors  # looked up, not parsed again
+    assert again.metadata == {"format": "kvchat-pack", "start": "512", "keys": "b"}
+    braced = cache.parse(*head({"format": "kvchat-pack", "start": "512", "keys": "c}d"}))
+    assert braced.metadata["keys"] == "c}d"  # a brace inside a value: parsed whole, still right
+    wider = cache.parse(*head({"format": "kvchat-pack", "start": "123456789012", "keys": "e" * 40}))
+    direct = tensorfile.parse_header(*head({"format": "kvchat-pack", "start": "123456789012", "keys": "e" * 40}))
+    assert (wider.size, wider.tensors) == (direct.size, direct.tensors)  # a longer header moves the tensors

@@ -268,10 +268,9 @@ def read_blocks(
     def one(k: int) -> None:
         pack, blocks, path = by_file[order[k]], groups[order[k]], paths[k]
         algorithm, want = checksum_of(pack)
-        first_key = blocks[0]["key"] if blocks[0]["start"] == pack["start"] else None
         try:
             reading.read_into(path, pack["bytes"], algorithm, want,
-                                 lambda h: _checked_plan(planes, pack, blocks, h, k == 0), headers, first_key)
+                              lambda h: _checked_plan(planes, pack, blocks, h, k == 0), headers)
         except (OSError, ValueError) as err:
             raise _read_error(name, pack, err, path) from None
         finally:

@@ -143,7 +143,7 @@ def _read_segments(fd: int, head: memoryview, iov: list[memoryview]) -> str:
 
 
 def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
-              headers: HeaderCache | None = None, vary: str | None = None) -> Header:
+              headers: HeaderCache | None = None) -> Header:
     """Read the file at `path` into the buffers `plan` names and check its checksum.
 
     The tensor bytes go straight to their buffers with ``preadv``, and the
@@ -163,7 +163,7 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
         if actual != size:
             raise ValueError(f"has {actual} bytes instead of {size}")
         head = read_head(fd, size)
-        header = headers.parse(head, size, vary) if headers is not None else parse_header(head, size)
+        header = headers.parse(head, size) if headers is not None else parse_header(head, size)
         iov = plan(header)
         end = max((t.end for t in header.tensors.values()), default=header.size)
         if size > end:
