@@ -40,6 +40,10 @@ are checked equal (``same_data``), so both sides store the same bytes.
 (a) Autosave: a session is saved, then each turn adds 64 tokens and is saved
     again; the timed save is that second one. At 256 and 8,192 tokens of
     context in fp16 and fp32: the ratio is the point (goal at most 1.5).
+(c) A chat saved turn by turn: at the largest context, fp16 and q4, a
+    session saved after every 512 tokens (a pack per save, as a chat grows)
+    loaded warm beside the same KV saved at once (one pack) and mlx-lm's
+    load of it; sides alternating, best of --rounds.
 (b) Resume vs re-prefill, only with --resume (the re-prefill takes minutes on
     a small CPU), with the embedded model (or --model): a session of N tokens
     (random K/V in the model's exact shape and dtype) is saved and loaded back
@@ -87,6 +91,7 @@ keep_freed_buffers()  # as kvchat does when it loads a model (models.load.load_m
 
 SMOLLM2 = dict(layers=30, kv_heads=3, head_dim=64)  # SmolLM2-135M's KV shape
 TURN = 64  # tokens a turn adds in part (a)
+TURN_BY_TURN = 512  # tokens each save adds in part (c): a question and its answer
 WARMUP = 2  # untimed turns first: the initial save's writeback still competes for the disk
 CHUNK = 512  # the engine's prefill chunk
 GROUP, BITS = 64, 4  # the q4 configuration on both sides
@@ -494,6 +499,64 @@ def autosave_cost(contexts: list[int], dtype: mx.Dtype, repeats: int) -> dict:
             f"ratio_{contexts[-1]}_vs_{contexts[0]}": round(ratio, 3)}
 
 
+# -- (c) a chat saved turn by turn ------------------------------------------------------
+def grown(kind: str, n: int, turn: int, rounds: int) -> dict[str, Any]:
+    """Warm load of a session saved after every `turn` tokens (a pack per save) beside one saved at once and mlx-lm's."""
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    config = CacheConfig(k_bits=BITS, v_bits=BITS, group_size=GROUP) if kind == "q4" else CacheConfig()
+    layers, heads, dim = SMOLLM2["layers"], SMOLLM2["kv_heads"], SMOLLM2["head_dim"]
+    work = Path(tempfile.mkdtemp(prefix="kvchat-bench-"))
+    try:
+        ours = [make_layer_cache(config) for _ in range(layers)]
+        theirs = mlx_lm_caches(kind == "q4")
+        turns = SessionStore(work / "turns")
+        done = 0
+        while done < n:
+            fill(ours, turn, heads, dim, mx.float16, seed=done, twins=theirs)
+            done += turn
+            turns.save("s", messages=MESSAGES, tokens=list(range(done)), caches=ours, cache_config=config,
+                       model_name="bench", model_fingerprint="bench", sampling={}, title="s")
+        once = SessionStore(work / "once")
+        once.save("s", messages=MESSAGES, tokens=list(range(n)), caches=ours, cache_config=config, model_name="bench",
+                  model_fingerprint="bench", sampling={}, title="s")
+        mlx_file = work / "mlx-lm.safetensors"
+        save_prompt_cache(str(mlx_file), theirs)
+        packs = len(turns.index("s")[0]["kv"]["packs"])
+        del ours, theirs
+        mx.clear_cache()
+        loaded: dict[str, list] = {}
+
+        def kv_load(store: SessionStore, side: str) -> None:
+            fresh = [make_layer_cache(config) for _ in range(layers)]
+            store.load("s", fresh, model_fingerprint="bench", cache_config=config)
+            mx.eval([(c.keys, c.values) for c in fresh])
+            loaded[side] = fresh
+
+        def mlx_load() -> None:
+            cache = load_prompt_cache(str(mlx_file))
+            mx.eval([c.state for c in cache])
+            loaded["mlx_lm"] = cache
+
+        sides = {"turn_by_turn": lambda: kv_load(turns, "turn_by_turn"), "saved_at_once": lambda: kv_load(once, "saved_at_once"),
+                 "mlx_lm": mlx_load}
+        for fn in sides.values():
+            fn()
+        equal = same_planes(loaded["turn_by_turn"], loaded["mlx_lm"], n) and same_planes(loaded["saved_at_once"], loaded["mlx_lm"], n)
+        loaded.clear()
+        times = alternate(sides, rounds, after={s: loaded.clear for s in sides})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    st = {s: stats(t) for s, t in times.items()}
+    return {
+        "cache": kind, "context_tokens": n, "tokens_per_save": turn, "packs": packs, "loaded_equal": equal,
+        "warm": st,
+        "turn_by_turn_vs_mlx_lm": round(st["turn_by_turn"]["best_ms"] / st["mlx_lm"]["best_ms"], 3),
+        "saved_at_once_vs_mlx_lm": round(st["saved_at_once"]["best_ms"] / st["mlx_lm"]["best_ms"], 3),
+        "turn_by_turn_vs_saved_at_once": round(st["turn_by_turn"]["best_ms"] / st["saved_at_once"]["best_ms"], 3),
+    }
+
+
 # -- (b) resume vs re-prefill -----------------------------------------------------------
 def load_model_or_stand_in(spec: str | None):
     """The embedded model (or --model); without one, a random-weight model in its shape."""
@@ -629,6 +692,8 @@ def main() -> None:
     out["side_by_side"] = rows
     out["autosave"] = [autosave_cost([256, 8192], dtype, args.repeats) for dtype in (mx.float16, mx.float32)]
     log({a["dtype"]: a["ratio_8192_vs_256"] for a in out["autosave"]})
+    out["turn_by_turn"] = [grown(kind, contexts[-1], TURN_BY_TURN, args.rounds) for kind in ("fp16", "q4")]
+    log([(g["cache"], g["packs"], g["turn_by_turn_vs_mlx_lm"], g["saved_at_once_vs_mlx_lm"]) for g in out["turn_by_turn"]])
     if args.resume:
         out["resume"] = resume_vs_prefill(args.model, contexts, args.prefill_measure)
     out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -262,3 +262,18 @@ def test_headers_that_differ_only_in_metadata_are_parsed_once_and_each_keeps_its
     wider = cache.parse(*head({"format": "kvchat-pack", "start": "123456789012", "keys": "e" * 40}))
     direct = tensorfile.parse_header(*head({"format": "kvchat-pack", "start": "123456789012", "keys": "e" * 40}))
     assert (wider.size, wider.tensors) == (direct.size, direct.tensors)  # a longer header moves the tensors
+
+
+def test_a_chat_saved_turn_by_turn_loads_bitwise_with_every_packs_segments_in_one_queue(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import checksum
+
+    monkeypatch.setattr(checksum, "SEGMENT", 4096)  # hundreds of segments over many packs: races would show
+    store = SessionStore(tmp_path)
+    for n in range(300, N + 1, 300):  # a pack per save, and a tail
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert len(index["kv"]["packs"]) >= 6
+    caches = caches_of(kv, index["kv"]["blocks"][-1]["end"])
+    for _ in range(20):
+        assert loads_as(store, "a", caches)
+    path = store.blocks_dir / index["kv"]["packs"][3]["file"]
+    _each_flip_is_refused(store, "a", path, [path.stat().st_size // 2], 2)  # a pack in the middle

@@ -32,7 +32,9 @@ from .tensorfile import Header, HeaderCache, Plan, in_file_order, new_hash, pars
 
 _PARALLEL = 16 << 20  # from this size two threads scatter a file while a third checks it
 _CHUNK = 4 << 20  # file bytes per read: the hashing thread follows the readers a chunk at a time
-_readers = ThreadPoolExecutor(2, thread_name_prefix="kvchat-read")  # the scatter of large files
+_readers = ThreadPoolExecutor(2, thread_name_prefix="kvchat-read")  # the scatter of large older files
+# a SegmentReader's second thread: a pool of its own, as it waits for segments while `_readers` may be needed
+_segment_helpers = ThreadPoolExecutor(2, thread_name_prefix="kvchat-check")
 
 
 def _chunks(iov: list[memoryview], chunk: int) -> list[list[memoryview]]:
@@ -96,66 +98,31 @@ def _scatter_and_hash(fd: int, chunks: list[list[memoryview]], offset: int, h: A
         raise failed[0]
 
 
-def _read_segments(fd: int, head: memoryview, iov: list[memoryview]) -> str:
-    """Read `iov` (the file after its header `head`) and return the file's segmented checksum.
+class Opened:
+    """A file opened for a checked read: its header parsed and the buffers its bytes go to planned.
 
-    Two threads (this one and a pool thread) claim 1 MiB segments in turn;
-    each reads its segment's bytes into their buffers with ``preadv`` and
-    hashes the segment right away, from the header bytes already read and
-    those buffers, so every byte is checked as the caches will use it.
+    Made by :func:`open_planned`; read by a :class:`SegmentReader` (with
+    others: their segments share two threads), which closes it.
     """
-    segments = _chunks([head, *iov], checksum.SEGMENT)
-    starts = [0]
-    for seg in segments[:-1]:
-        starts.append(starts[-1] + sum(b.nbytes for b in seg))
-    header_end = head.nbytes
-    digests: list[bytes] = [b""] * len(segments)
-    failed: list[BaseException] = []
-    claim = itertools.count()
 
-    def work() -> None:
-        while not failed:
-            k = next(claim)
-            if k >= len(segments):
-                return
-            try:
-                at, todo = starts[k], []
-                for b in segments[k]:  # the header's pieces are read already (they end where the tensors start)
-                    if at >= header_end:
-                        todo.append(b)
-                    at += b.nbytes
-                if todo:
-                    n = sum(b.nbytes for b in todo)
-                    _preadv_all(fd, todo, at - n, n)
-                digests[k] = checksum.segment_digest(segments[k])
-            except BaseException as e:  # re-raised by the caller's thread
-                failed.append(e)
+    def __init__(self, fd: int, head: bytes, header: Header, iov: list[memoryview], algorithm: str,
+                 expected: str) -> None:
+        self.fd, self.header, self.iov = fd, header, iov
+        self.head = memoryview(head)[: header.size]
+        self.algorithm, self.expected = algorithm, expected
 
-    helper = _readers.submit(work) if len(segments) > 1 else None
-    try:
-        work()
-    finally:
-        if helper is not None:
-            helper.result()
-    if failed:
-        raise failed[0]
-    return checksum.combine(digests)
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
-              headers: HeaderCache | None = None) -> Header:
-    """Read the file at `path` into the buffers `plan` names and check its checksum.
+def open_planned(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
+                 headers: HeaderCache | None = None) -> Opened:
+    """Open the file at `path`, check its size, parse its header and ask `plan` where its bytes go.
 
-    The tensor bytes go straight to their buffers with ``preadv``, and the
-    checksum runs over the header and then over those buffers right after
-    each segment or chunk is read, so it checks every byte of the file as it
-    was read and finds it still in the CPU's cache (see the module's
-    docstring for the threads).
-    The buffers `plan` returns must not overlap.
-
-    Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
-    malformed header, a plan that refuses the header, or a checksum mismatch.
-    Buffers may hold garbage after a failure: the caller drops them.
+    Raises FileNotFoundError/OSError for I/O and ValueError for a wrong size,
+    a malformed header or a plan that refuses it (the file is closed then).
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -168,27 +135,171 @@ def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
         end = max((t.end for t in header.tensors.values()), default=header.size)
         if size > end:
             iov.append(memoryview(bytearray(size - end)))
-        if algorithm == checksum.SEGMENTED:
-            if _read_segments(fd, memoryview(head)[: header.size], iov) != expected:
-                raise ValueError("fails its checksum")
-            return header
-        h = new_hash(algorithm)
-        h.update(head[: header.size])
-        if size - header.size >= _PARALLEL:
-            _scatter_and_hash(fd, _chunks(iov, _CHUNK), header.size, h)
-        else:
-            offset = header.size
-            for chunk in _chunks(iov, _CHUNK):
-                n = sum(b.nbytes for b in chunk)
-                _preadv_all(fd, list(chunk), offset, n)
-                offset += n
-                for b in chunk:
-                    h.update(b)
-        if h.hexdigest() != expected:
-            raise ValueError("fails its checksum")
-    finally:
+        return Opened(fd, head, header, iov, algorithm, expected)
+    except BaseException:
         os.close(fd)
-    return header
+        raise
+
+
+class ReadFailed(Exception):
+    """Reading or checking the `index`-th file given to a :class:`SegmentReader` failed with `error`."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+class SegmentReader:
+    """Reads and checks opened files given one by one, starting on each as soon as it is given.
+
+    Files with the segmented checksum are cut into 1 MiB segments, all
+    files' segments in one queue that two threads take in turn (a pool
+    thread from the first file on, and the caller's in :meth:`finish`): each
+    reads a segment's bytes into their buffers with ``preadv`` and hashes the
+    segment right away (the header's bytes are read already), so every byte
+    is checked as the caches will use it, many small packs (a chat saved
+    turn by turn) cost about what one large one does, and the reading of the
+    first packs overlaps the planning of the next. A file with an older
+    checksum is read when it is given, by two threads while a third hashes
+    in file order.
+
+    Use as a context manager: leaving it, after an error too, stops the
+    pool thread and closes every file.
+    """
+
+    def __init__(self) -> None:
+        self.files: list[Opened] = []
+        self._tasks: list[tuple[int, int, int, list[memoryview]]] = []  # (file, segment, file offset, pieces)
+        self._digests: dict[int, list[bytes]] = {}
+        self._failed: list[tuple[int, BaseException]] = []
+        self._claim = itertools.count()
+        self._more = threading.Condition()
+        self._given_all = False
+        self._abort = False
+        self._helper: Any = None
+
+    def __enter__(self) -> "SegmentReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._abort = exc[0] is not None  # an error: the segments not read yet are skipped
+        self._stop()
+        for f in self.files:
+            f.close()
+
+    def add(self, f: Opened) -> None:
+        """Queue `f`'s segments (an older file is read and checked here). Raises ReadFailed."""
+        i = len(self.files)
+        self.files.append(f)
+        if f.algorithm != checksum.SEGMENTED:
+            try:
+                _read_whole(f)
+            except (OSError, ValueError) as e:
+                raise ReadFailed(i, e) from None
+            return
+        segments = _chunks([f.head, *f.iov], checksum.SEGMENT)
+        self._digests[i] = [b""] * len(segments)
+        at, tasks = 0, []
+        for k, seg in enumerate(segments):
+            tasks.append((i, k, at, seg))
+            at += sum(b.nbytes for b in seg)
+        with self._more:
+            self._tasks.extend(tasks)
+            self._more.notify()
+        if self._helper is None and len(self._tasks) > 1:
+            self._helper = _segment_helpers.submit(self._work)
+
+    def finish(self) -> None:
+        """Read what is left on this thread too, then check every file's checksum. Raises ReadFailed."""
+        with self._more:
+            self._given_all = True
+            self._more.notify_all()
+        self._work()
+        self._stop()
+        if self._failed:
+            i, e = min(self._failed, key=lambda x: x[0])
+            if not isinstance(e, (OSError, ValueError)):
+                raise e
+            raise ReadFailed(i, e)
+        for i, digests in self._digests.items():
+            if checksum.combine(digests) != self.files[i].expected:
+                raise ReadFailed(i, ValueError("fails its checksum"))
+
+    def _stop(self) -> None:
+        """No more files: the pool thread reads what it has claimed and what is left, then returns."""
+        with self._more:
+            self._given_all = True
+            self._more.notify_all()
+        if self._helper is not None:
+            self._helper.result()
+            self._helper = None
+
+    def _work(self) -> None:
+        while not self._failed and not self._abort:
+            t = next(self._claim)
+            with self._more:
+                while t >= len(self._tasks) and not self._given_all:
+                    self._more.wait()
+            if t >= len(self._tasks):
+                return
+            # a claimed segment is always read: finish() counts on every one being done
+            i, k, at, pieces = self._tasks[t]
+            try:
+                header_end = self.files[i].head.nbytes
+                unread = []
+                for b in pieces:  # the header's pieces are read already (they end where the tensors start)
+                    if at >= header_end:
+                        unread.append(b)
+                    at += b.nbytes
+                if unread:
+                    n = sum(b.nbytes for b in unread)
+                    _preadv_all(self.files[i].fd, unread, at - n, n)
+                self._digests[i][k] = checksum.segment_digest(pieces)
+            except BaseException as e:  # re-raised by finish()
+                self._failed.append((i, e))
+
+
+def _read_whole(f: Opened) -> None:
+    """An older file (one checksum over the whole file): read in chunks and hashed in file order."""
+    h = new_hash(f.algorithm)
+    h.update(f.head)
+    size = f.head.nbytes + sum(b.nbytes for b in f.iov)
+    if size - f.head.nbytes >= _PARALLEL:
+        _scatter_and_hash(f.fd, _chunks(f.iov, _CHUNK), f.head.nbytes, h)
+    else:
+        offset = f.head.nbytes
+        for chunk in _chunks(f.iov, _CHUNK):
+            n = sum(b.nbytes for b in chunk)
+            _preadv_all(f.fd, list(chunk), offset, n)
+            offset += n
+            for b in chunk:
+                h.update(b)
+    if h.hexdigest() != f.expected:
+        raise ValueError("fails its checksum")
+
+
+def read_into(path: Path, size: int, algorithm: str, expected: str, plan: Plan,
+              headers: HeaderCache | None = None) -> Header:
+    """Read the file at `path` into the buffers `plan` names and check its checksum.
+
+    The tensor bytes go straight to their buffers with ``preadv``, and the
+    checksum runs over the header and then over those buffers right after
+    each segment or chunk is read, so it checks every byte of the file as it
+    was read and finds it still in the CPU's cache (see :class:`SegmentReader`
+    for the threads). The buffers `plan` returns must not overlap.
+
+    Raises FileNotFoundError/OSError for I/O, ValueError for a wrong size, a
+    malformed header, a plan that refuses the header, or a checksum mismatch.
+    Buffers may hold garbage after a failure: the caller drops them.
+    """
+    f = open_planned(path, size, algorithm, expected, plan, headers)
+    try:
+        with SegmentReader() as reader:
+            reader.add(f)
+            reader.finish()
+    except ReadFailed as e:
+        raise e.error from None
+    return f.header
 
 
 def _preadv_all(fd: int, buffers: list[memoryview], offset: int, total: int) -> None:
