@@ -135,6 +135,24 @@ def table_sessions(r: dict[str, Any]) -> str:
                 f"| {a['dtype']} | {row['context_tokens']:,} | {row['turn_save_s_median'] * 1e3:.1f} ms | "
                 f"{_mib(row['bytes_written_per_turn_median'])} | {row['turn_save_s_median'] / base:.2f} |"
             )
+    grown = r.get("turn_by_turn")
+    if grown:
+        lines += [
+            "",
+            f"A chat saved turn by turn (a pack per save of {grown[0]['tokens_per_save']} tokens), warm; best of "
+            f"{r['rounds']}, sides alternating:",
+            "",
+            "| cache | context | packs | turn by turn | saved at once | mlx-lm | turn by turn / mlx-lm | "
+            "at once / mlx-lm |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for g in grown:
+            w = g["warm"]
+            lines.append(
+                f"| {g['cache']} | {g['context_tokens']:,} | {g['packs']} | {_ms(w['turn_by_turn']['best_ms'])} | "
+                f"{_ms(w['saved_at_once']['best_ms'])} | {_ms(w['mlx_lm']['best_ms'])} | "
+                f"{g['turn_by_turn_vs_mlx_lm']:.2f} | {g['saved_at_once_vs_mlx_lm']:.2f} |"
+            )
     res = r.get("resume")
     if res:
         lines += [
