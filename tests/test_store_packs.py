@@ -277,3 +277,24 @@ def test_a_chat_saved_turn_by_turn_loads_bitwise_with_every_packs_segments_in_on
         assert loads_as(store, "a", caches)
     path = store.blocks_dir / index["kv"]["packs"][3]["file"]
     _each_flip_is_refused(store, "a", path, [path.stat().st_size // 2], 2)  # a pack in the middle
+
+
+def test_a_header_whose_metadata_is_not_an_object_is_never_served_from_the_cache():
+    import json
+    import struct
+
+    from mlx_cache.store import tensorfile
+
+    def head(meta: str, tensors: dict) -> tuple[bytes, int]:
+        body = ('{"__metadata__":' + meta + "," + json.dumps(tensors, separators=(",", ":"))[1:]).encode()
+        body += b" " * (-len(body) % 8)
+        return struct.pack("<Q", len(body)) + body, 8 + len(body) + 64
+
+    u = {"u": {"dtype": "F16", "shape": [32], "data_offsets": [0, 64]}}
+    cache = tensorfile.HeaderCache()
+    # '{"__metadata__":null,"t":{...},"u":...': the first "}" closes t's entry, not the metadata, so what
+    # follows it is the same bytes as in a header with real metadata and no t
+    first = cache.parse(*head('null,"t":{"dtype":"F16","shape":[0],"data_offsets":[0,0]}', u))
+    assert set(first.tensors) == {"t", "u"}
+    real = cache.parse(*head('{"a":"b"}', u))
+    assert real.metadata == {"a": "b"} and set(real.tensors) == {"u"}

@@ -7,8 +7,8 @@ its keys and values come back from disk. The layout (see
     <root>/sessions/<name>.json          the index: messages, token ids, block list, checksums
     <root>/sessions/.locks/<name>.lock   flock'ed while a process has the session open
     <root>/blocks/<key>.safetensors      a pack: KV of a run of 256-token blocks, all layers (full caches)
-    <root>/blocks/w-<xxh3>.safetensors   a rotating window (or model state) snapshot
-    <root>/blocks/c-<xxh3>.safetensors   the window as it was at the end of the last prompt
+    <root>/blocks/w-<checksum>.safetensors a rotating window (or model state) snapshot
+    <root>/blocks/c-<checksum>.safetensors the window as it was at the end of the last prompt
     <root>/store.lock                    shared by writers and readers, exclusive for gc
 
 One module per concept: ``errors`` (one-sentence failures, names), ``durable``

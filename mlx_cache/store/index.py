@@ -184,7 +184,7 @@ def _file_entry(e: Any, what: str, version: int, nullable_file: bool = False) ->
     _need(isinstance(e["file"], str) and bool(FILE_RE.match(e["file"])), f"{what} names a file outside the store")
     _need(_int(e["bytes"], 1), f"{what} has a bad size")
     algorithms = [a for a in CHECKSUMS if a in e]
-    _need(len(algorithms) == 1, f"{what} has no checksum")
+    _need(len(algorithms) == 1, f"{what} has no checksum" if not algorithms else f"{what} has more than one checksum")
     _need(algorithms[0] in _ENTRY_CHECKSUMS[version], f"{what} has a checksum its format version does not know")
     _need(isinstance(e[algorithms[0]], str) and bool(_HEX[algorithms[0]].match(e[algorithms[0]])), f"{what} has a bad checksum")
 

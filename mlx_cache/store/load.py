@@ -9,10 +9,10 @@ scatters each pack's bytes into their places (each head's token range is one
 buffer of the read), so the bytes are read from the disk or page cache once
 and written once. The checksum runs over those buffers a 1 MiB segment at a
 time, right after each segment lands, while the bytes are still in the
-core's cache: every pack's headers are parsed and planned first, then two
-threads take all the packs' segments from one queue (see
-``reading.read_opened``), so a chat saved turn by turn, a pack per turn,
-loads nearly as fast as one saved at once.
+core's cache: each pack's header is parsed and planned in token order, and
+its segments join one queue for all packs that two threads take from while
+the next pack is planned (see ``reading.SegmentReader``), so a chat saved
+turn by turn, a pack per turn, loads nearly as fast as one saved at once.
 """
 
 from __future__ import annotations

@@ -154,14 +154,14 @@ class SegmentReader:
 
     Files with the segmented checksum are cut into 1 MiB segments, all
     files' segments in one queue that two threads take in turn (a pool
-    thread from the first file on, and the caller's in :meth:`finish`): each
+    thread once two segments are queued, and the caller's in :meth:`finish`): each
     reads a segment's bytes into their buffers with ``preadv`` and hashes the
     segment right away (the header's bytes are read already), so every byte
     is checked as the caches will use it, many small packs (a chat saved
     turn by turn) cost about what one large one does, and the reading of the
     first packs overlaps the planning of the next. A file with an older
-    checksum is read when it is given, by two threads while a third hashes
-    in file order.
+    checksum is read when it is given (from 16 MiB by two threads while a
+    third hashes in file order).
 
     Use as a context manager: leaving it, after an error too, stops the
     pool thread and closes every file.
@@ -216,14 +216,18 @@ class SegmentReader:
             self._more.notify_all()
         self._work()
         self._stop()
-        if self._failed:
-            i, e = min(self._failed, key=lambda x: x[0])
+        for _, e in self._failed:
             if not isinstance(e, (OSError, ValueError)):
                 raise e
-            raise ReadFailed(i, e)
+        bad = {i: e for i, e in reversed(self._failed)}
         for i, digests in self._digests.items():
-            if checksum.combine(digests) != self.files[i].expected:
-                raise ReadFailed(i, ValueError("fails its checksum"))
+            if i not in bad and all(digests) and checksum.combine(digests) != self.files[i].expected:
+                bad[i] = ValueError("fails its checksum")
+        if bad:  # the first file in order that failed, whatever failed first in time
+            i = min(bad)
+            raise ReadFailed(i, bad[i])
+        if any(not all(d) for d in self._digests.values()):  # cannot happen: every claimed segment is read
+            raise RuntimeError("a segment was not read")
 
     def _stop(self) -> None:
         """No more files: the pool thread reads what it has claimed and what is left, then returns."""
@@ -231,7 +235,8 @@ class SegmentReader:
             self._given_all = True
             self._more.notify_all()
         if self._helper is not None:
-            self._helper.result()
+            if not self._helper.cancel():  # not started (other loads hold the threads): nothing to wait for
+                self._helper.result()
             self._helper = None
 
     def _work(self) -> None:

@@ -210,15 +210,25 @@ class HeaderCache:
         template = head[:8] + head[close + 1 :] + struct.pack("<Q", file_size)
         cached = self._parsed.get(template)
         if cached is not None:
-            try:
-                metadata = json.loads(head[start : close + 1])
-            except ValueError:
-                metadata = None  # a "}" inside a value: the slice is not the object
-            if isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            metadata = self._metadata(head[start : close + 1])
+            if metadata is not None:
                 return Header(metadata, cached.tensors, cached.size)
         header = parse_header(head, file_size)
-        self._parsed[template] = header
+        # kept only where the slice is exactly the metadata object, so a hit is what a whole parse would give
+        if self._metadata(head[start : close + 1]) == header.metadata and self._PREFIX[1:] not in head[close + 1 :]:
+            self._parsed[template] = header
         return header
+
+    @staticmethod
+    def _metadata(raw: bytes) -> dict[str, str] | None:
+        """The metadata object in `raw`, parsed as :func:`parse_header` would; None if it is not one."""
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None  # e.g. a "}" inside a value: the slice is not the object
+        if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+            return obj
+        return None
 
 
 #: plan(header) -> the buffers the bytes after the header go to, in file order, covering them exactly.
