@@ -300,3 +300,17 @@ def test_a_header_whose_metadata_is_not_an_object_is_never_served_from_the_cache
     value = "b" * (len(odd) - len('{"a":""}'))  # the same length: the same length prefix and file size
     real = cache.parse(*head('{"a":"' + value + '"}', u))
     assert real.metadata == {"a": value} and set(real.tensors) == {"u"}
+
+
+def test_buffers_are_cut_into_runs_of_exactly_the_chunk_size_in_order():
+    import random
+
+    from mlx_cache.store.reading import _chunks
+
+    rng = random.Random(1)
+    for _ in range(2000):
+        iov = [memoryview(rng.randbytes(rng.choice([0, 1, 3, 7, 16, 40]))) for _ in range(rng.randint(0, 12))]
+        chunk = rng.choice([1, 2, 5, 8, 16, 33])
+        runs = [b"".join(bytes(b) for b in run) for run in _chunks(iov, chunk)]
+        assert b"".join(runs) == b"".join(bytes(b) for b in iov)
+        assert all(len(r) == chunk for r in runs[:-1]) and (not runs or 0 < len(runs[-1]) <= chunk)

@@ -30,7 +30,7 @@ from .errors import StoreError, corrupt
 from .index import BLOCK_TOKENS, checksum_of, kv_dtype_of, packs_of
 from .layers import Layer, check_layer, n_planes, pop_extras, unflatten_state, window_layer
 from .hostmem import dtype_name
-from .packs import info_of
+from .packs import info_of, pack_tokens
 from .tensorfile import DTYPES, ST_CODES, ST_NAMES, Header
 
 SNAPSHOT_VERSIONS = ("1", "2")  # snapshot file versions this code reads
@@ -91,6 +91,7 @@ class _Planes:
         self._names: dict[frozenset[int], set[str]] = {}
         self._templates: dict[tuple[Any, ...], tuple[Any, list[tuple[memoryview, int, int, int]]]] = {}
         self._geometry: dict[str, tuple[memoryview, tuple[int, ...], int, int, str]] = {}
+        self._lengths: dict[int, tuple[Any, int]] = {}
 
     def names(self, start: int) -> set[str]:
         fp_layers = frozenset(i for i in self.layers if start < self.fp[i])
@@ -149,7 +150,10 @@ class _Planes:
         rows of tokens the session does not use are read into scratch, so the
         checksum still covers the whole file.
         """
-        info = info_of(header, pack["start"], BLOCK_TOKENS)
+        lengths = self._lengths.get(id(header.tensors))  # packs of one layout share their parsed tensors
+        if lengths is None or lengths[0] is not header.tensors:
+            lengths = self._lengths[id(header.tensors)] = (header.tensors, pack_tokens(header))
+        info = info_of(header, pack["start"], BLOCK_TOKENS, lengths[1])
         ps, pe = info.start, info.end
         if (ps, pe) != (pack["start"], pack["end"]):
             raise ValueError(f"holds tokens {ps}-{pe}, not {pack['start']}-{pack['end']} as its index says")

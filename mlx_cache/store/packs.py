@@ -56,10 +56,10 @@ def pack_tokens(header: Header) -> int:
     return lengths.pop()
 
 
-def info_of(header: Header, start_if_block: int, block_tokens: int) -> PackInfo:
+def info_of(header: Header, start_if_block: int, block_tokens: int, tokens: int | None = None) -> PackInfo:
     """What a pack (or a v1/v2 block file, whose start the index gives) holds; ValueError if it is neither."""
     meta = header.metadata
-    n = pack_tokens(header)
+    n = pack_tokens(header) if tokens is None else tokens  # `tokens`: pack_tokens(header), known to the caller
     if meta.get("format") == BLOCK_FORMAT and meta.get("version") in BLOCK_VERSIONS:
         key = meta.get("key", "")
         if not 0 < n <= block_tokens:
