@@ -314,3 +314,21 @@ def test_buffers_are_cut_into_runs_of_exactly_the_chunk_size_in_order():
         runs = [b"".join(bytes(b) for b in run) for run in _chunks(iov, chunk)]
         assert b"".join(runs) == b"".join(bytes(b) for b in iov)
         assert all(len(r) == chunk for r in runs[:-1]) and (not runs or 0 < len(runs[-1]) <= chunk)
+
+
+def test_with_two_damaged_packs_the_error_names_the_first_in_token_order(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import checksum
+
+    monkeypatch.setattr(checksum, "SEGMENT", 4096)
+    store = SessionStore(tmp_path)
+    for n in range(300, N + 1, 300):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    files = [p["file"] for p in index["kv"]["packs"]]
+    for f in (files[4], files[1]):  # the later one damaged too, and first
+        path = store.blocks_dir / f
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 8
+        path.write_bytes(bytes(data))
+    for _ in range(5):
+        with pytest.raises(SessionCorrupt, match=files[1].split(".")[0]):
+            store.load("a", [FullKVCache(CONFIG) for _ in range(2)])
