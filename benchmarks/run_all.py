@@ -36,7 +36,7 @@ COMMANDS: dict[str, list[str]] = {
     # default, 2K/4K/8K on 16,384 tokens, is for faster machines)
     "quality": ["-m", "app", "bench", "quality", "--json", "--contexts", "4096", "--tokens", "4096"],
     # the goal context on the protocol's 16,384 tokens (four segments): about an hour here too
-    "quality_protocol": ["-m", "app", "bench", "quality", "--json", "--contexts", "2048,4096", "--tokens", "16384"],
+    "quality_protocol": ["-m", "app", "bench", "quality", "--json", "--contexts", "2048,4096,8192", "--tokens", "16384"],
     "quality_gemma": ["benchmarks/bench_quality_gemma.py"],
     "kv_presets_speed": ["benchmarks/bench_kv_presets_speed.py"],
     "tui": ["benchmarks/bench_tui.py"],
