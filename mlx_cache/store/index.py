@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import xxhash
 
 from ..config import CacheConfig, CacheConfigError
-from .tensorfile import CHECKSUMS
+from .checksum import CHECKSUMS
 
 FORMAT_NAME = "kvchat-session"
 FORMAT_VERSION = 4

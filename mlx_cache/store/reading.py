@@ -28,7 +28,7 @@ import numpy as np
 
 from . import checksum
 from .hostmem import HOST, runs
-from .tensorfile import Header, HeaderCache, Plan, in_file_order, new_hash, parse_header, read_head
+from .tensorfile import Header, HeaderCache, Plan, in_file_order, parse_header, read_head
 
 
 _PARALLEL = 16 << 20  # from this size two threads scatter a file while a third checks it
@@ -281,7 +281,7 @@ class SegmentReader:
 
 def _read_whole(f: Opened) -> None:
     """An older file (one checksum over the whole file): read in chunks and hashed in file order."""
-    h = new_hash(f.algorithm)
+    h = checksum.new_hash(f.algorithm)
     h.update(f.head)
     size = f.head.nbytes + sum(b.nbytes for b in f.iov)
     if size - f.head.nbytes >= _PARALLEL:

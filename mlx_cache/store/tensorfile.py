@@ -44,12 +44,10 @@ _FIRST_READ = 1 << 16  # header bytes read up front: a block's header fits in on
 
 # -- checksums ----------------------------------------------------------------------
 
-CHECKSUMS = checksum.CHECKSUMS  # field names in an index's file entries, preferred first
-new_hash = checksum.new_hash
 
 
 def digest(algorithm: str, buffers: Sequence[memoryview | bytes]) -> str:
-    h = new_hash(algorithm)
+    h = checksum.new_hash(algorithm)
     for b in buffers:
         h.update(b)
     return h.hexdigest()
@@ -280,7 +278,7 @@ def read_header(path: Path, size: int) -> Header:
 def file_digest(fd: int, size: int, algorithm: str) -> str:
     """The checksum of an open file's first `size` bytes, in one call over its mapped pages."""
     with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
-        h = new_hash(algorithm)
+        h = checksum.new_hash(algorithm)
         h.update(mm)
         return h.hexdigest()
 
