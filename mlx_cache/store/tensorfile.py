@@ -42,7 +42,6 @@ _MAX_HEADER = 1 << 24  # a block header is a few KiB; anything huge is not ours
 _FIRST_READ = 1 << 16  # header bytes read up front: a block's header fits in one read
 
 
-
 def digest(algorithm: str, buffers: Sequence[memoryview | bytes]) -> str:
     h = checksum.new_hash(algorithm)
     for b in buffers:
