@@ -511,18 +511,23 @@ def grown(kind: str, n: int, turn: int, rounds: int) -> dict[str, Any]:
         ours = [make_layer_cache(config) for _ in range(layers)]
         theirs = mlx_lm_caches(kind == "q4")
         turns = SessionStore(work / "turns")
-        done = 0
+        done, save_s, written = 0, [], 0
         while done < n:
             fill(ours, turn, heads, dim, mx.float16, seed=done, twins=theirs)
             done += turn
+            before = dir_bytes(turns.blocks_dir)
+            t = time.perf_counter()
             turns.save("s", messages=MESSAGES, tokens=list(range(done)), caches=ours, cache_config=config,
                        model_name="bench", model_fingerprint="bench", sampling={}, title="s")
+            save_s.append(time.perf_counter() - t)
+            written += sum(size for f, size in dir_bytes(turns.blocks_dir).items() if f not in before)
         once = SessionStore(work / "once")
         once.save("s", messages=MESSAGES, tokens=list(range(n)), caches=ours, cache_config=config, model_name="bench",
                   model_fingerprint="bench", sampling={}, title="s")
         mlx_file = work / "mlx-lm.safetensors"
         save_prompt_cache(str(mlx_file), theirs)
         packs = len(turns.index("s")[0]["kv"]["packs"])
+        kv_bytes = sum(dir_bytes(turns.blocks_dir).values())
         del ours, theirs
         mx.clear_cache()
         loaded: dict[str, list] = {}
@@ -550,6 +555,10 @@ def grown(kind: str, n: int, turn: int, rounds: int) -> dict[str, Any]:
     st = {s: stats(t) for s, t in times.items()}
     return {
         "cache": kind, "context_tokens": n, "tokens_per_save": turn, "packs": packs, "loaded_equal": equal,
+        # what merging small packs costs the saves: KV bytes written over the chat's life per byte
+        # kept, and the save times (the slowest is the one that merged the most)
+        "kv_bytes": kv_bytes, "written_per_kept_byte": round(written / kv_bytes, 2),
+        "save_ms_median": round(1e3 * statistics.median(save_s), 1), "save_ms_max": round(1e3 * max(save_s), 1),
         "warm": st,
         "turn_by_turn_vs_mlx_lm": round(st["turn_by_turn"]["best_ms"] / st["mlx_lm"]["best_ms"], 3),
         "saved_at_once_vs_mlx_lm": round(st["saved_at_once"]["best_ms"] / st["mlx_lm"]["best_ms"], 3),

@@ -139,19 +139,21 @@ def table_sessions(r: dict[str, Any]) -> str:
     if grown:
         lines += [
             "",
-            f"A chat saved turn by turn (a pack per save of {grown[0]['tokens_per_save']} tokens), warm; best of "
-            f"{r['rounds']}, sides alternating:",
+            f"A chat saved turn by turn (a save every {grown[0]['tokens_per_save']} tokens, small packs merged as it "
+            f"goes), warm; best of {r['rounds']}, sides alternating; the saves' cost beside it:",
             "",
             "| cache | context | packs | turn by turn | saved at once | mlx-lm | turn by turn / mlx-lm | "
-            "at once / mlx-lm |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "at once / mlx-lm | KV written / kept | save, median | save, slowest |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for g in grown:
             w = g["warm"]
+            cost = (f"{g['written_per_kept_byte']:.2f} | {g['save_ms_median']:.1f} ms | {g['save_ms_max']:.1f} ms"
+                    if "written_per_kept_byte" in g else " | | ")
             lines.append(
                 f"| {g['cache']} | {g['context_tokens']:,} | {g['packs']} | {_ms(w['turn_by_turn']['best_ms'])} | "
                 f"{_ms(w['saved_at_once']['best_ms'])} | {_ms(w['mlx_lm']['best_ms'])} | "
-                f"{g['turn_by_turn_vs_mlx_lm']:.2f} | {g['saved_at_once_vs_mlx_lm']:.2f} |"
+                f"{g['turn_by_turn_vs_mlx_lm']:.2f} | {g['saved_at_once_vs_mlx_lm']:.2f} | {cost} |"
             )
     res = r.get("resume")
     if res:

@@ -41,7 +41,7 @@ PRESETS: dict[str, Preset] = {
             "kv4",
             CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, k_per_channel=True),
             "4-bit per-channel keys, 3-bit values, float sinks and last 96 tokens",
-            bits=4.39, ppl_pct=0.41, kl=0.0059, cpu_speed=0.68,
+            bits=4.39, ppl_pct=0.41, kl=0.0059, cpu_speed=0.75,
         ),
         Preset(
             "kv4-fast",
@@ -54,7 +54,7 @@ PRESETS: dict[str, Preset] = {
             "kv3",
             CacheConfig(k_bits=3, v_bits=2, keep_fp=4, fp_window=96, k_per_channel=True),
             "3-bit per-channel keys, 2-bit values, float sinks and last 96 tokens",
-            bits=3.39, ppl_pct=1.78, kl=0.0327, cpu_speed=0.67,
+            bits=3.39, ppl_pct=1.78, kl=0.0327, cpu_speed=0.59,
         ),
     )
 }

@@ -265,8 +265,9 @@ def test_headers_that_differ_only_in_metadata_are_parsed_once_and_each_keeps_its
 
 
 def test_a_chat_saved_turn_by_turn_loads_bitwise_with_every_packs_segments_in_one_queue(kv, tmp_path, monkeypatch):
-    from mlx_cache.store import checksum
+    from mlx_cache.store import checksum, packs as packs_module
 
+    monkeypatch.setattr(packs_module, "MERGE_BYTES", 0)  # a pack per save: many packs to read at once
     monkeypatch.setattr(checksum, "SEGMENT", 4096)  # hundreds of segments over many packs: races would show
     store = SessionStore(tmp_path)
     for n in range(300, N + 1, 300):  # a pack per save, and a tail
@@ -317,8 +318,9 @@ def test_buffers_are_cut_into_runs_of_exactly_the_chunk_size_in_order():
 
 
 def test_with_two_damaged_packs_the_error_names_the_first_in_token_order(kv, tmp_path, monkeypatch):
-    from mlx_cache.store import checksum
+    from mlx_cache.store import checksum, packs as packs_module
 
+    monkeypatch.setattr(packs_module, "MERGE_BYTES", 0)  # a pack per save
     monkeypatch.setattr(checksum, "SEGMENT", 4096)
     store = SessionStore(tmp_path)
     for n in range(300, N + 1, 300):
@@ -332,3 +334,102 @@ def test_with_two_damaged_packs_the_error_names_the_first_in_token_order(kv, tmp
     for _ in range(5):
         with pytest.raises(SessionCorrupt, match=files[1].split(".")[0]):
             store.load("a", [FullKVCache(CONFIG) for _ in range(2)])
+
+
+def pack_blocks(index: dict) -> list[int | str]:
+    """Each pack's length in blocks, in token order ("t" for a partial tail)."""
+    out: list[int | str] = []
+    for p in index["kv"]["packs"]:
+        n = p["end"] - p["start"]
+        out.append(n // BLOCK_TOKENS if n % BLOCK_TOKENS == 0 else "t")
+    return out
+
+
+def test_a_chat_saved_a_little_at_a_time_merges_its_small_packs_like_a_binary_counter(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    for n in range(100, N + 1, 100):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+        full = n // BLOCK_TOKENS
+        want = [1 << b for b in range(full.bit_length() - 1, -1, -1) if full >> b & 1]
+        assert pack_blocks(index) == want + (["t"] if n % BLOCK_TOKENS else []), n
+        assert kv_files(store) == set(packs(index))  # the packs it merged are gone
+        assert loads_as(store, "a", caches_of(kv, n))
+    # a save that adds several blocks at once merges what is no bigger than those
+    n = N + 300
+    index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert pack_blocks(index) == [9, "t"] and loads_as(store, "a", caches_of(kv, n))
+
+
+def test_no_merge_makes_a_pack_over_the_limit(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import packs as packs_module
+
+    store = SessionStore(tmp_path)
+    one = save(store, "a", list(range(BLOCK_TOKENS)), caches_of(kv, BLOCK_TOKENS))["kv"]["packs"][0]["bytes"]
+    monkeypatch.setattr(packs_module, "MERGE_BYTES", 2 * one + one // 2)  # two blocks fit, three do not
+    for n in range(2 * BLOCK_TOKENS, N + 1, BLOCK_TOKENS):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert pack_blocks(index) == [2, 2, 2, 2]
+    assert all(p["bytes"] <= 2 * one + one // 2 for p in index["kv"]["packs"])
+    assert kv_files(store) == set(packs(index)) and loads_as(store, "a", caches_of(kv, N))
+
+
+def test_merging_never_touches_the_packs_a_fork_still_names(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    for n in (BLOCK_TOKENS, 2 * BLOCK_TOKENS, 3 * BLOCK_TOKENS + 50):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert pack_blocks(index) == [2, 1, "t"]
+    store.fork("a", "b")
+    forked = set(packs(index))
+    grown = save(store, "a", list(range(4 * BLOCK_TOKENS)), caches_of(kv, 4 * BLOCK_TOKENS))
+    assert pack_blocks(grown) == [4] and not set(packs(grown)) & forked
+    assert forked <= kv_files(store)  # the fork's packs stay, whole
+    assert loads_as(store, "b", caches_of(kv, 3 * BLOCK_TOKENS + 50)) and loads_as(store, "a", caches_of(kv, 4 * BLOCK_TOKENS))
+    store.remove("b")
+    assert kv_files(store) == set(packs(grown))
+
+
+def test_packs_to_merge_takes_packs_no_bigger_than_the_run_so_far_within_the_limit():
+    from mlx_cache.store.packs import packs_to_merge
+
+    assert packs_to_merge(256, []) == 0
+    assert packs_to_merge(256, [(256, 10), (512, 20), (1024, 40)]) == 3  # 256 <= 256, 512 <= 512, 1024 <= 1024
+    assert packs_to_merge(256, [(512, 20), (256, 10)]) == 0  # the nearest is bigger than the run
+    assert packs_to_merge(256, [(256, 10), (1024, 40)]) == 1
+    assert packs_to_merge(256, [(256, 10), (512, 20)], limit=25) == 1  # 10 + 10 fit, 10 + 10 + 20 do not
+    assert packs_to_merge(256, [(256, 10)], limit=15) == 0
+
+
+def test_a_merging_save_failing_at_any_step_leaves_the_last_save_opening_bitwise(kv, tmp_path):
+    """The crash test of test_store_format, on a save that rewrites two packs as one."""
+    import shutil
+
+    from mlx_cache.store import StoreError, durable
+
+    template = SessionStore(tmp_path / "template")
+    save(template, "a", list(range(BLOCK_TOKENS)), caches_of(kv, BLOCK_TOKENS))
+    before = save(template, "a", list(range(BLOCK_TOKENS + 60)), caches_of(kv, BLOCK_TOKENS + 60))
+    assert pack_blocks(before) == [1, "t"]
+    n = 2 * BLOCK_TOKENS + 30
+    durable.count_operations()
+    probe = SessionStore(tmp_path / "probe")
+    shutil.copytree(template.root, probe.root)
+    assert pack_blocks(save(probe, "a", list(range(n)), caches_of(kv, n))) == [2, "t"]
+    ops = durable.operations_seen()
+    durable.fail_on(None)
+    assert {"write", "fsync", "link", "rename"} <= {what for what, _, _ in ops}
+    for k, op in enumerate(ops):
+        st = SessionStore(tmp_path / f"crash-{k}")
+        shutil.copytree(template.root, st.root)
+        durable.fail_on(op)
+        try:
+            save(st, "a", list(range(n)), caches_of(kv, n))
+            failed = False
+        except StoreError:
+            failed = True
+        finally:
+            durable.fail_on(None)
+        tokens = len(st.index("a")[0]["tokens"])
+        assert tokens == n or failed, op
+        assert loads_as(st, "a", caches_of(kv, tokens)), op
+        save(st, "a", list(range(n)), caches_of(kv, n))  # and the next save goes through
+        assert loads_as(st, "a", caches_of(kv, n)), op

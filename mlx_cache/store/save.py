@@ -31,7 +31,7 @@ from . import checksum, durable, tensorfile
 from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
                     index_bytes, packs_of)
 from .layers import checkpoint_arrays, describe, snapshot_arrays
-from .packs import PlaneRows, block_bounds, info_of, plane_rows, same_rows
+from .packs import PlaneRows, block_bounds, info_of, packs_to_merge, plane_rows, same_rows
 
 if TYPE_CHECKING:
     from .session_store import SessionStore
@@ -233,27 +233,32 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
     keys = chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)
     bounds = block_bounds(0, len(tokens), BLOCK_TOKENS)
     kept, packs = _reusable(prev, keys, bounds, saver.dir)
-    entries: list[dict[str, Any]] = [
-        {"key": key, "start": s, "end": e, "file": kept[bi]["file"] if bi in kept else None}
-        for bi, (key, (s, e)) in enumerate(zip(keys, bounds))
-    ]
-    new = [bi for bi in range(len(keys)) if bi not in kept]
-    if not new:
-        return entries, _in_order(packs, entries)
-    ours = plane_rows(caches, block_layers, keep)
     # Runs of new blocks: consecutive full blocks, and a partial tail on its own (the next
     # save replaces it, and its own file goes with it instead of leaving dead bytes in a pack).
     runs: list[tuple[int, int]] = []
-    for bi in new:
+    for bi in range(len(keys)):
+        if bi in kept:
+            continue
         tail = bounds[bi][1] - bounds[bi][0] < BLOCK_TOKENS
         if runs and runs[-1][1] == bi and not tail:
             runs[-1] = (runs[-1][0], bi + 1)
         else:
             runs.append((bi, bi + 1))
+    runs, merged = _merge_small(runs, kept, packs, bounds)
+    entries: list[dict[str, Any]] = [
+        {"key": key, "start": s, "end": e, "file": kept[bi]["file"] if bi in kept else None}
+        for bi, (key, (s, e)) in enumerate(zip(keys, bounds))
+    ]
+    if not runs:
+        return entries, _in_order(packs, entries)
+    ours = plane_rows(caches, block_layers, keep)
     for a, b in runs:
         while a < b:
-            m, pack, taken = _shared(saver, ours, keys, bounds, a, b)
-            if m:
+            if (a, b) in merged:  # our own small packs, rewritten as one: nothing to take from them
+                m, pack, taken = 0, None, (saver.dir / f"{keys[a]}.safetensors").exists()
+            else:
+                m, pack, taken = _shared(saver, ours, keys, bounds, a, b)
+            if m and pack is not None:
                 packs[pack["file"]] = pack
                 for bi in range(a, a + m):
                     entries[bi]["file"] = pack["file"]
@@ -266,6 +271,44 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
                 entries[bi]["file"] = st  # resolved to its name once the checksum is known
             break
     return entries, _in_order(packs, entries)
+
+
+def _merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], packs: dict[str, dict[str, Any]],
+                 bounds: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
+    """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
+
+    Only packs whose every block this save keeps, ending where the run
+    starts, are taken; their blocks leave `kept` and `packs` (the caller
+    writes them again from memory, which holds the same bytes) and the old
+    files are dropped with the index that named them. Returns the runs and
+    the set of those that grew.
+    """
+    out: list[tuple[int, int]] = []
+    grown: set[tuple[int, int]] = set()
+    for a, b in runs:
+        if bounds[b - 1][1] - bounds[b - 1][0] < BLOCK_TOKENS:  # a partial tail stays on its own
+            out.append((a, b))
+            continue
+        before: list[tuple[int, int, int]] = []  # (first block, tokens, bytes) of each candidate, nearest first
+        bi = a - 1
+        while bi >= 0 and bi in kept:
+            p = packs[kept[bi]["file"]]
+            first = p["start"] // BLOCK_TOKENS  # blocks start at multiples of BLOCK_TOKENS
+            whole = all(kept.get(j, {}).get("file") == p["file"] for j in range(first, bi))
+            if p["end"] != bounds[bi][1] or bounds[first][0] != p["start"] or not whole:
+                break  # a pack that runs on past our blocks, or one we use only part of: not ours to rewrite
+            before.append((first, p["end"] - p["start"], p["bytes"]))
+            bi = first - 1
+        take = packs_to_merge(bounds[b - 1][1] - bounds[a][0], [(t, n) for _, t, n in before])
+        if not take:
+            out.append((a, b))
+            continue
+        start = before[take - 1][0]
+        for j in range(start, a):
+            packs.pop(kept.pop(j)["file"], None)
+        out.append((start, b))
+        grown.add((start, b))
+    return out, grown
 
 
 def _in_order(packs: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> list[Any]:
