@@ -160,7 +160,9 @@ class Chat:
             title=self.title,
             created=self.created,
             checkpoint=self.state.checkpoint,
+            changed_from=self.state.changed_from,
         )
+        self.state.changed_from = None  # what is saved is the caches as they are
         self.state.stored = True  # from now on the KV budget never switches this chat to a window
 
     # -- turns ----------------------------------------------------------------

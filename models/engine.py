@@ -175,6 +175,7 @@ class Engine:
             for c in state.caches:
                 c.trim_to(keep)
             del state.tokens[keep:]
+            state.mark_changed(keep)
             return keep, False
         cp = state.checkpoint
         if cp is not None and cp[0] <= keep:
@@ -182,11 +183,13 @@ class Engine:
             for c, lc in zip(state.caches, layers):
                 c.restore(lc)
             del state.tokens[pos:]
+            state.mark_changed(pos)
             return pos, True
         # Nothing to go back to: start over (the window had evicted the divergence point).
         state.caches = make_caches(self.model, state.config)
         state.tokens.clear()
         state.checkpoint = None
+        state.mark_changed(0)
         return 0, False
 
     def prefill_chunk(self, config: CacheConfig, context: int, room: int | None) -> int:

@@ -45,6 +45,14 @@ class ChatState:
     # budget refuses a turn that does not fit rather than switch it to a
     # rotating window, which the next save would store over the session's KV.
     stored: bool = False
+    # The lowest position the caches were trimmed or restored to since they were last
+    # saved or loaded (None: only appended to): the next save writes its blocks from
+    # there on again, even where the tokens are the same (SessionStore.save).
+    changed_from: int | None = None
+
+    def mark_changed(self, position: int) -> None:
+        """Note that the KV from `position` on is no longer what was saved."""
+        self.changed_from = position if self.changed_from is None else min(self.changed_from, position)
 
     def dtype(self) -> str | None:
         """The float type keys and values are computed in ('float16', ...), once known."""

@@ -160,6 +160,29 @@ def test_resume_restores_the_cache_bitwise(engine, store, kind):
     resumed.close()
 
 
+@pytest.mark.parametrize("kind", ["full", "q4-keys-per-channel", "k4v2-keys-per-channel"])
+def test_a_regenerated_answer_with_the_same_tokens_resumes_as_the_caches_hold_it(engine, store, kind):
+    """A greedy regenerate gives the same tokens, but their KV is computed again (and per-channel
+    key codes regrouped after the trim): the save must store the caches as they are now."""
+    config = CONFIGS[kind]
+    live = open_chat(engine, store, "s", config, system=LONG)
+    first = turn(live, "Hello there, how are you doing today my friend?")
+    tokens = list(live.state.tokens)
+    again = [e for e in live.regenerate() if isinstance(e, Finished)][-1]
+    assert again.text == first.text and live.state.tokens == tokens  # the very same tokens
+    assert live.state.changed_from is None  # saved: nothing differs from the store any more
+    live.close()
+    resumed = open_chat(engine, store, "s", config)
+    for a, b in zip(live.state.caches, resumed.state.caches):
+        assert a.offset == b.offset and planes_equal(a, b)
+        assert all(mx.array_equal(x, y).item() for x, y in zip(a.extras().get("tail", ()), b.extras().get("tail", ())))
+    new = engine.encode(live.messages + [{"role": "user", "content": "And then?"}])[len(live.state.tokens):]
+    want = step_logits(engine.model, live.state.caches, new)
+    got = step_logits(engine.model, resumed.state.caches, new)
+    assert all(mx.array_equal(x, y).item() for x, y in zip(want, got))
+    resumed.close()
+
+
 @pytest.mark.parametrize("kind", ["full", "q4", "rotating", "rotating-q4"])
 def test_resume_prefills_only_the_new_turn(engine, store, kind):
     config = CONFIGS[kind]

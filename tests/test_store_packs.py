@@ -379,13 +379,75 @@ def test_merging_never_touches_the_packs_a_fork_still_names(kv, tmp_path):
         index = save(store, "a", list(range(n)), caches_of(kv, n))
     assert pack_blocks(index) == [2, 1, "t"]
     store.fork("a", "b")
-    forked = set(packs(index))
+    forked = {f for f, (s, e) in packs(index).items() if (e - s) % BLOCK_TOKENS == 0}
     grown = save(store, "a", list(range(4 * BLOCK_TOKENS)), caches_of(kv, 4 * BLOCK_TOKENS))
-    assert pack_blocks(grown) == [4] and not set(packs(grown)) & forked
-    assert forked <= kv_files(store)  # the fork's packs stay, whole
+    assert pack_blocks(grown) == [2, 1, 1] and forked <= set(packs(grown))  # shared, not copied
     assert loads_as(store, "b", caches_of(kv, 3 * BLOCK_TOKENS + 50)) and loads_as(store, "a", caches_of(kv, 4 * BLOCK_TOKENS))
     store.remove("b")
-    assert kv_files(store) == set(packs(grown))
+    n = 5 * BLOCK_TOKENS
+    grown = save(store, "a", list(range(n)), caches_of(kv, n))  # the fork gone, its packs are ours to merge
+    assert pack_blocks(grown) == [5] and kv_files(store) == set(packs(grown)) and loads_as(store, "a", caches_of(kv, n))
+
+
+def test_a_merged_pack_under_a_hashed_name_is_still_shared_by_a_new_session(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    for n in range(128, N + 1, 128):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    (pack,) = packs(index)
+    assert "-" in pack  # merged while the plain name was its predecessor's
+    b = save(store, "b", list(range(N + 40)), caches_of(kv, N + 40))
+    assert [e["file"] for e in b["kv"]["blocks"][:8]] == [pack] * 8
+    assert loads_as(store, "b", caches_of(kv, N + 40)) and loads_as(store, "a", caches_of(kv, N))
+
+
+def test_packs_a_merge_drops_while_another_process_is_in_the_store_go_at_the_next_save(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    save(store, "a", list(range(BLOCK_TOKENS)), caches_of(kv, BLOCK_TOKENS))
+    other = SessionStore(tmp_path).store_lock()  # another kvchat, mid-load: no file may go now
+    try:
+        index = save(store, "a", list(range(2 * BLOCK_TOKENS)), caches_of(kv, 2 * BLOCK_TOKENS))
+        assert pack_blocks(index) == [2] and len(kv_files(store)) == 2
+    finally:
+        other.release()
+    n = 2 * BLOCK_TOKENS + 20
+    index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert kv_files(store) == set(packs(index)) and loads_as(store, "a", caches_of(kv, n))
+
+
+def test_blocks_from_where_the_caches_were_trimmed_are_written_again_even_with_the_same_tokens(tmp_path):
+    config = CacheConfig(k_bits=4, v_bits=3, keep_fp=4, fp_window=96, k_per_channel=True)  # kv4's levers
+    mx.random.seed(5)
+    k = mx.random.normal((1, 2, 640, 64)).astype(mx.float16)
+    v = mx.random.normal((1, 2, 640, 64)).astype(mx.float16)
+
+    def feed(caches, start: int, end: int) -> None:
+        for s in range(start, end, 64):
+            e = min(end, s + 64)
+            for c in caches:
+                c.update_and_fetch(k[..., s:e, :], v[..., s:e, :])
+
+    def state(c) -> list[mx.array]:
+        a, b = c.temporal_planes()
+        return [*a, *b, *(c.float_head() or ()), *c.extras().get("tail", ())]
+
+    def resumes(store: SessionStore, caches) -> bool:
+        fresh = [FullKVCache(config) for _ in caches]
+        store.load("a", fresh)
+        return all(all(mx.array_equal(p, q).item() for p, q in zip(state(x), state(y))) for x, y in zip(caches, fresh))
+
+    tokens = list(range(600))
+    for changed_from, expect in ((150, True), (None, False)):
+        store = SessionStore(tmp_path / str(changed_from))
+        caches = [FullKVCache(config) for _ in range(2)]
+        feed(caches, 0, 600)
+        store.save("a", messages=[], tokens=tokens, caches=caches, cache_config=config, model_name="m",
+                   model_fingerprint="f", sampling={}, title="a")
+        for c in caches:
+            c.trim_to(150)  # back into a key group: its codes are made again when it refills
+        feed(caches, 150, 600)  # the very same tokens and values
+        store.save("a", messages=[], tokens=tokens, caches=caches, cache_config=config, model_name="m",
+                   model_fingerprint="f", sampling={}, title="a", changed_from=changed_from)
+        assert resumes(store, caches) is expect  # without the mark, the blocks kept by key hold the old codes
 
 
 def test_packs_to_merge_takes_packs_no_bigger_than_the_run_so_far_within_the_limit():

@@ -47,15 +47,15 @@ class GcReport:
         return iter((self.removed, self.freed))
 
 
-def references(store: "SessionStore") -> References:
-    """KV files named by any index-like file in the sessions folder (valid sessions or not)."""
+def references(store: "SessionStore", exclude: str | None = None) -> References:
+    """KV files named by any index-like file in the sessions folder (valid sessions or not), but `exclude`."""
     refs = References()
     try:
         entries = sorted(os.listdir(store.sessions_dir))
     except FileNotFoundError:
         return refs
     for entry in entries:
-        if not index_like(entry):
+        if not index_like(entry) or entry == exclude:
             continue
         path = store.sessions_dir / entry
         stem = entry[:-5] if entry.endswith(".json") else ""

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import mlx.core as mx
 
@@ -31,7 +31,9 @@ from . import checksum, durable, tensorfile
 from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
                     index_bytes, packs_of)
 from .layers import checkpoint_arrays, describe, snapshot_arrays
-from .packs import PlaneRows, block_bounds, info_of, packs_to_merge, plane_rows, same_rows
+from .manage import references
+from .packs import block_bounds, plane_rows
+from .reuse import AltNames, merge_small, reusable, shared
 
 if TYPE_CHECKING:
     from .session_store import SessionStore
@@ -107,7 +109,7 @@ class _Saver:
     def __init__(self, blocks_dir: Path) -> None:
         self.dir = blocks_dir
         self.staged: list[_Staged] = []
-
+        self.alt_names = AltNames(blocks_dir)
     def stage(self, stem: str, buffers: list[Any], alt: bool) -> _Staged:
         st = _Staged(stem, alt, buffers, durable.temp_path(self.dir / f"{stem}.safetensors"))
         self.staged.append(st)  # before it exists: whatever fails, cleanup() removes it
@@ -150,81 +152,9 @@ class _Saver:
             durable.unlink_quietly(st.tmp)
 
 
-def _reusable(prev: dict[str, Any] | None, keys: list[str], bounds: list[tuple[int, int]], blocks_dir: Path
-              ) -> tuple[dict[int, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Blocks of the previous save kept as they are: block index -> entry, and their packs by file.
-
-    A pack of several blocks is kept only if this save still uses at least
-    half of its tokens; otherwise the blocks still used are written again
-    with the new ones (from memory, so it costs what writing them costs),
-    and the old pack is freed once no other session names it. So a session
-    never keeps more than twice the KV it uses alive, however it was edited.
-    """
-    if prev is None:
-        return {}, {}
-    packs = {p["file"]: _pack_entry(p) for p in packs_of(prev)}
-    old = {e["key"]: e for e in prev["kv"]["blocks"]}
-    exists: dict[str, bool] = {}
-    kept: dict[int, dict[str, Any]] = {}
-    for bi, (key, (start, end)) in enumerate(zip(keys, bounds)):
-        e = old.get(key)
-        if e is None or e["start"] != start or e["end"] != end:
-            continue
-        f = e["file"]
-        if f not in exists:
-            exists[f] = (blocks_dir / f).is_file()
-        if exists[f]:
-            kept[bi] = e
-    used: dict[str, int] = {}
-    for e in kept.values():
-        used[e["file"]] = used.get(e["file"], 0) + e["end"] - e["start"]
-    for bi, e in list(kept.items()):
-        p = packs[e["file"]]
-        if p["end"] - p["start"] > BLOCK_TOKENS and 2 * used[e["file"]] < p["end"] - p["start"]:
-            del kept[bi]
-    return kept, {e["file"]: packs[e["file"]] for e in kept.values()}
-
-
-def _pack_entry(p: dict[str, Any]) -> dict[str, Any]:
-    """A pack's entry as v3 writes it (a v1/v2 block entry also carries its key)."""
-    algorithm, digest = checksum_of(p)
-    return {"file": p["file"], "start": p["start"], "end": p["end"], "bytes": p["bytes"], algorithm: digest}
-
-
-def _shared(saver: _Saver, ours: PlaneRows, keys: list[str], bounds: list[tuple[int, int]], a: int, b: int
-            ) -> tuple[int, dict[str, Any] | None, bool]:
-    """How many blocks from `a` (up to `b`) an existing pack named after block a's key holds with our very bytes.
-
-    Returns (blocks shared, that pack's entry, whether the name is taken). A
-    pack is taken from only when this session uses at least half of it (see
-    :func:`_reusable`).
-    """
-    path = saver.dir / f"{keys[a]}.safetensors"
-    try:
-        size = path.stat().st_size
-        header = tensorfile.read_header(path, size)
-        info = info_of(header, bounds[a][0], BLOCK_TOKENS)
-    except FileNotFoundError:
-        return 0, None, False
-    except (OSError, ValueError):
-        return 0, None, True
-    m = 0
-    while a + m < b and m < len(info.keys) and info.keys[m] == keys[a + m] and info.start == bounds[a][0]:
-        m += 1
-    if not m or bounds[a + m - 1][1] > info.end or 2 * (bounds[a + m - 1][1] - info.start) < info.end - info.start:
-        return 0, None, True
-    lo, hi = bounds[a][0], bounds[a + m - 1][1]
-    try:
-        if not same_rows(path, header, info, ours, lo, hi):
-            return 0, None, True
-        digest = tensorfile.file_checksum(path, size, checksum.WRITE)
-    except (OSError, ValueError):
-        return 0, None, True
-    return m, {"file": path.name, "start": info.start, "end": info.end, "bytes": size, checksum.WRITE: digest}, True
-
-
 def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
-                 config_json: bytes, prev: dict[str, Any] | None, keep: list[Any]
+                 config_json: bytes, prev: dict[str, Any] | None, keep: list[Any], changed_from: int | None = None,
+                 named_elsewhere: Callable[[], set[str]] = set,
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Block entries covering `tokens` and the packs they name; stages the packs this save writes."""
     block_layers = [i for i, layer in enumerate(layers) if layer["kind"] == "blocks"]
@@ -232,7 +162,7 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
         return [], []
     keys = chain_keys(fingerprint, config_json, tokens, BLOCK_TOKENS)
     bounds = block_bounds(0, len(tokens), BLOCK_TOKENS)
-    kept, packs = _reusable(prev, keys, bounds, saver.dir)
+    kept, packs = reusable(prev, keys, bounds, saver.dir, changed_from)
     # Runs of new blocks: consecutive full blocks, and a partial tail on its own (the next
     # save replaces it, and its own file goes with it instead of leaving dead bytes in a pack).
     runs: list[tuple[int, int]] = []
@@ -244,7 +174,7 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
             runs[-1] = (runs[-1][0], bi + 1)
         else:
             runs.append((bi, bi + 1))
-    runs, merged = _merge_small(runs, kept, packs, bounds)
+    runs, merged = merge_small(runs, kept, packs, bounds, named_elsewhere)
     entries: list[dict[str, Any]] = [
         {"key": key, "start": s, "end": e, "file": kept[bi]["file"] if bi in kept else None}
         for bi, (key, (s, e)) in enumerate(zip(keys, bounds))
@@ -257,7 +187,7 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
             if (a, b) in merged:  # our own small packs, rewritten as one: nothing to take from them
                 m, pack, taken = 0, None, (saver.dir / f"{keys[a]}.safetensors").exists()
             else:
-                m, pack, taken = _shared(saver, ours, keys, bounds, a, b)
+                m, pack, taken = shared(saver.dir, saver.alt_names, ours, keys, bounds, a, b)
             if m and pack is not None:
                 packs[pack["file"]] = pack
                 for bi in range(a, a + m):
@@ -271,44 +201,6 @@ def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, An
                 entries[bi]["file"] = st  # resolved to its name once the checksum is known
             break
     return entries, _in_order(packs, entries)
-
-
-def _merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], packs: dict[str, dict[str, Any]],
-                 bounds: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
-    """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
-
-    Only packs whose every block this save keeps, ending where the run
-    starts, are taken; their blocks leave `kept` and `packs` (the caller
-    writes them again from memory, which holds the same bytes) and the old
-    files are dropped with the index that named them. Returns the runs and
-    the set of those that grew.
-    """
-    out: list[tuple[int, int]] = []
-    grown: set[tuple[int, int]] = set()
-    for a, b in runs:
-        if bounds[b - 1][1] - bounds[b - 1][0] < BLOCK_TOKENS:  # a partial tail stays on its own
-            out.append((a, b))
-            continue
-        before: list[tuple[int, int, int]] = []  # (first block, tokens, bytes) of each candidate, nearest first
-        bi = a - 1
-        while bi >= 0 and bi in kept:
-            p = packs[kept[bi]["file"]]
-            first = p["start"] // BLOCK_TOKENS  # blocks start at multiples of BLOCK_TOKENS
-            whole = all(kept.get(j, {}).get("file") == p["file"] for j in range(first, bi))
-            if p["end"] != bounds[bi][1] or bounds[first][0] != p["start"] or not whole:
-                break  # a pack that runs on past our blocks, or one we use only part of: not ours to rewrite
-            before.append((first, p["end"] - p["start"], p["bytes"]))
-            bi = first - 1
-        take = packs_to_merge(bounds[b - 1][1] - bounds[a][0], [(t, n) for _, t, n in before])
-        if not take:
-            out.append((a, b))
-            continue
-        start = before[take - 1][0]
-        for j in range(start, a):
-            packs.pop(kept.pop(j)["file"], None)
-        out.append((start, b))
-        grown.add((start, b))
-    return out, grown
 
 
 def _in_order(packs: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> list[Any]:
@@ -328,6 +220,7 @@ def save_session(
     store: "SessionStore", name: str, *, messages: Sequence[dict[str, Any]], tokens: Sequence[int], caches: Sequence[Any],
     cache_config: CacheConfig, model_name: str, model_fingerprint: str, sampling: dict[str, Any], title: str,
     created: float | None, checkpoint: tuple[int, list[Any]] | None, prev: dict[str, Any] | None,
+    changed_from: int | None = None,
 ) -> tuple[dict[str, Any], int, set[str]]:
     """Write the KV files and the index of one save.
 
@@ -349,8 +242,11 @@ def save_session(
     index_path = store.index_path(name)
     index_tmp = durable.temp_path(index_path)
     try:
+        def named_elsewhere() -> set[str]:
+            return references(store, exclude=index_path.name).files
+
         blocks, packs = _plan_blocks(saver, caches, layers, toks, model_fingerprint,
-                                     canonical_json(cache_config.to_dict()), reuse, keep)
+                                     canonical_json(cache_config.to_dict()), reuse, keep, changed_from, named_elsewhere)
         window = saver.snapshot("w", snapshot_arrays(caches, layers))
         cp_entry = None
         cp = checkpoint_arrays(caches, layers, checkpoint, len(toks))

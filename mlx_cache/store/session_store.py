@@ -53,6 +53,9 @@ class SessionStore:
         # which keeps a save after a turn independent of the context length.
         self._known: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
         self._refs: dict[str, tuple[tuple[int, int, int], frozenset[str]]] = {}
+        # Files saves dropped while another process was inside the store: retried at the
+        # next save (a merge can drop tens of MB), else left for gc().
+        self._pending_drops: set[str] = set()
 
     # -- names, paths and locks -----------------------------------------------------
     def resolve(self, name: str) -> str:
@@ -212,8 +215,12 @@ class SessionStore:
         title: str,
         created: float | None = None,
         checkpoint: tuple[int, list[Any]] | None = None,
+        changed_from: int | None = None,
     ) -> SessionMeta:
         """Write the chat's current state; costs O(tokens added since the last save).
+
+        (Amortized: a save also writes the session's small packs just before its
+        new blocks again as one pack, at most 64 MiB of them; see packs.py.)
 
         The index is written last and atomically, so a failure at any point
         (kill, full disk) leaves the previous save loadable; failures raise
@@ -223,6 +230,12 @@ class SessionStore:
         Args:
             caches: one cache per layer holding exactly `tokens`.
             checkpoint: the engine's ``ChatState.checkpoint`` (optional, rotating caches).
+            changed_from: the lowest token position the caches were trimmed or
+                restored to since they were last saved or loaded (``None``: only
+                appended to). Blocks from there on are written again from the
+                caches even where their tokens are the same: KV computed again can
+                differ in its last bits, and quantized codes regrouped after a trim
+                differ outright, and a resume must equal the caches as they are.
         """
         name = self.resolve(name)
         self.ensure_dirs()
@@ -234,7 +247,7 @@ class SessionStore:
                     index, size, dropped = save_session(
                         self, name, messages=messages, tokens=tokens, caches=caches, cache_config=cache_config,
                         model_name=model_name, model_fingerprint=model_fingerprint, sampling=sampling, title=title,
-                        created=created, checkpoint=checkpoint, prev=prev,
+                        created=created, checkpoint=checkpoint, prev=prev, changed_from=changed_from,
                     )
                 except OSError as e:
                     raise write_failed(name, e) from None
@@ -244,11 +257,14 @@ class SessionStore:
                 # Stale tails and old window snapshots are deleted now if no other
                 # session (a fork) names them and no other process is inside the
                 # store; otherwise gc() gets them later.
+                candidates = dropped | self._pending_drops
                 try:
-                    if dropped and store_lock.acquire(exclusive=True, blocking=False):
-                        self.drop_unreferenced(dropped)
+                    if candidates and store_lock.acquire(exclusive=True, blocking=False):
+                        self.drop_unreferenced(candidates)
+                        candidates = set()
                 except (OSError, StoreError):
                     pass  # the save itself succeeded
+                self._pending_drops = candidates
         finally:
             store_lock.release()
         return meta_of(name, index, size, index["version"])
