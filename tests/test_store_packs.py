@@ -495,3 +495,16 @@ def test_a_merging_save_failing_at_any_step_leaves_the_last_save_opening_bitwise
         assert loads_as(st, "a", caches_of(kv, tokens)), op
         save(st, "a", list(range(n)), caches_of(kv, n))  # and the next save goes through
         assert loads_as(st, "a", caches_of(kv, n)), op
+
+
+def test_an_index_like_file_that_cannot_be_read_stops_merges_not_saves(kv, tmp_path):
+    import os
+
+    store = SessionStore(tmp_path)
+    save(store, "a", list(range(BLOCK_TOKENS)), caches_of(kv, BLOCK_TOKENS))
+    os.symlink("loop.json", store.sessions_dir / "loop.json")  # unreadable (ELOOP): what it names is unknown
+    index = save(store, "a", list(range(2 * BLOCK_TOKENS)), caches_of(kv, 2 * BLOCK_TOKENS))
+    assert pack_blocks(index) == [1, 1] and loads_as(store, "a", caches_of(kv, 2 * BLOCK_TOKENS))
+    (store.sessions_dir / "loop.json").unlink()
+    index = save(store, "a", list(range(3 * BLOCK_TOKENS)), caches_of(kv, 3 * BLOCK_TOKENS))
+    assert pack_blocks(index) == [3] and loads_as(store, "a", caches_of(kv, 3 * BLOCK_TOKENS))

@@ -132,7 +132,7 @@ def shared_from(path: Path, ours: PlaneRows, keys: list[str], bounds: list[tuple
 
 
 def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], packs: dict[str, dict[str, Any]],
-                 bounds: list[tuple[int, int]], named_elsewhere: Callable[[], set[str]] = set,
+                 bounds: list[tuple[int, int]], named_elsewhere: Callable[[], set[str] | None] = set,
                  ) -> tuple[list[tuple[int, int]], set[tuple[int, int]]]:
     """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
 
@@ -142,11 +142,12 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
     own. Their blocks leave `kept` and `packs` (the caller writes them again
     from memory, which holds the same bytes) and the old files are dropped
     with the index that named them. `named_elsewhere` is asked only when a
-    merge is possible. Returns the runs and the set of those that grew.
+    merge is possible (None: unknown, so nothing is merged). Returns the runs and the set of those that grew.
     """
     out: list[tuple[int, int]] = []
     grown: set[tuple[int, int]] = set()
     others: set[str] | None = None
+    asked = False
     for a, b in runs:
         if bounds[b - 1][1] - bounds[b - 1][0] < BLOCK_TOKENS:  # a partial tail stays on its own
             out.append((a, b))
@@ -163,9 +164,13 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
             bi = first - 1
         take = packs_to_merge(bounds[b - 1][1] - bounds[a][0], [(t, n) for _, t, n in before])
         if take:
-            others = named_elsewhere() if others is None else others
-            files = [kept[first]["file"] for first, _, _ in before[:take]]
-            take = next((i for i, f in enumerate(files) if f in others), take)
+            if not asked:
+                others, asked = named_elsewhere(), True
+            if others is None:  # unknown (an index that cannot be read): nothing is merged
+                take = 0
+            else:
+                files = [kept[first]["file"] for first, _, _ in before[:take]]
+                take = next((i for i, f in enumerate(files) if f in others), take)
         if not take:
             out.append((a, b))
             continue

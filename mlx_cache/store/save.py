@@ -30,6 +30,7 @@ from ..config import CacheConfig
 from . import checksum, durable, tensorfile
 from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
                     index_bytes, packs_of)
+from .errors import StoreError
 from .layers import checkpoint_arrays, describe, snapshot_arrays
 from .manage import references
 from .packs import block_bounds, plane_rows
@@ -110,6 +111,7 @@ class _Saver:
         self.dir = blocks_dir
         self.staged: list[_Staged] = []
         self.alt_names = AltNames(blocks_dir)
+
     def stage(self, stem: str, buffers: list[Any], alt: bool) -> _Staged:
         st = _Staged(stem, alt, buffers, durable.temp_path(self.dir / f"{stem}.safetensors"))
         self.staged.append(st)  # before it exists: whatever fails, cleanup() removes it
@@ -154,7 +156,7 @@ class _Saver:
 
 def _plan_blocks(saver: _Saver, caches: Sequence[Any], layers: list[dict[str, Any]], tokens: list[int], fingerprint: str,
                  config_json: bytes, prev: dict[str, Any] | None, keep: list[Any], changed_from: int | None = None,
-                 named_elsewhere: Callable[[], set[str]] = set,
+                 named_elsewhere: Callable[[], set[str] | None] = set,
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Block entries covering `tokens` and the packs they name; stages the packs this save writes."""
     block_layers = [i for i, layer in enumerate(layers) if layer["kind"] == "blocks"]
@@ -242,8 +244,11 @@ def save_session(
     index_path = store.index_path(name)
     index_tmp = durable.temp_path(index_path)
     try:
-        def named_elsewhere() -> set[str]:
-            return references(store, exclude=index_path.name).files
+        def named_elsewhere() -> set[str] | None:
+            try:
+                return references(store, exclude=index_path.name).files
+            except StoreError:  # an index-like file it cannot read: what it names is unknown, so merge nothing
+                return None
 
         blocks, packs = _plan_blocks(saver, caches, layers, toks, model_fingerprint,
                                      canonical_json(cache_config.to_dict()), reuse, keep, changed_from, named_elsewhere)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,6 +57,7 @@ class SessionStore:
         # Files saves dropped while another process was inside the store: retried at the
         # next save (a merge can drop tens of MB), else left for gc().
         self._pending_drops: set[str] = set()
+        self._pending_lock = threading.Lock()  # saves of two sessions may run on two threads
 
     # -- names, paths and locks -----------------------------------------------------
     def resolve(self, name: str) -> str:
@@ -257,14 +259,16 @@ class SessionStore:
                 # Stale tails and old window snapshots are deleted now if no other
                 # session (a fork) names them and no other process is inside the
                 # store; otherwise gc() gets them later.
-                candidates = dropped | self._pending_drops
+                with self._pending_lock:
+                    candidates, self._pending_drops = dropped | self._pending_drops, set()
                 try:
                     if candidates and store_lock.acquire(exclusive=True, blocking=False):
                         self.drop_unreferenced(candidates)
                         candidates = set()
                 except (OSError, StoreError):
                     pass  # the save itself succeeded
-                self._pending_drops = candidates
+                with self._pending_lock:
+                    self._pending_drops |= candidates
         finally:
             store_lock.release()
         return meta_of(name, index, size, index["version"])
