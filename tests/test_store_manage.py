@@ -578,3 +578,29 @@ def test_a_malformed_index_with_a_valid_checksum_is_damaged(engine, home, case):
     one_sentence(kvchat("sessions", "show", "trip", home=home), "'trip' is damaged", "malformed", "sessions rm trip")
     assert store.list() == [] and [name for name, _ in store.broken()] == ["trip"]
     assert digests(home) == before  # refused, not repaired or removed
+
+
+def test_kv_file_names_are_found_in_any_text_exactly_as_the_pattern_finds_them():
+    """gc and deletes keep every file an index-like file names; the fast scan must find what the pattern does."""
+    import random
+    import re
+
+    from mlx_cache.store.manage import names_in_text
+
+    pattern = re.compile(rb"(?:[0-9a-f]{64}(?:-[0-9a-f]{16})?|[wc]-(?:[0-9a-f]{64}|[0-9a-f]{32}))\.safetensors")
+    rng = random.Random(7)
+    pieces = [b".safetensors", b"w-", b"c-", b"-", b"\"", rng.randbytes(32).hex().encode(), rng.randbytes(8).hex().encode(),
+              rng.randbytes(16).hex().encode()]
+    found = 0
+    for _ in range(4000):
+        raw = b"".join(rng.choice(pieces) if rng.random() < 0.7 else bytes(rng.choice(b"0123456789abcdefwc-. x")
+                                                                              for _ in range(rng.randint(1, 5)))
+                       for _ in range(rng.randint(1, 14)))
+        want = {m.decode() for m in pattern.findall(raw)}
+        assert names_in_text(raw) == want, raw
+        found += len(want)
+    assert found > 200  # the texts did hold names
+    key, h = "a" * 64, "b" * 16
+    raw = f'["{key}.safetensors", "0{key}-{h}.safetensors", "w-{h * 2}.safetensors", "c-{key}.safetensors"]'.encode()
+    assert names_in_text(raw) == {f"{key}.safetensors", f"{key}-{h}.safetensors", f"w-{h * 2}.safetensors",
+                                  f"c-{key}.safetensors"}
