@@ -508,3 +508,16 @@ def test_an_index_like_file_that_cannot_be_read_stops_merges_not_saves(kv, tmp_p
     (store.sessions_dir / "loop.json").unlink()
     index = save(store, "a", list(range(3 * BLOCK_TOKENS)), caches_of(kv, 3 * BLOCK_TOKENS))
     assert pack_blocks(index) == [3] and loads_as(store, "a", caches_of(kv, 3 * BLOCK_TOKENS))
+
+
+def test_a_pack_cut_by_a_regenerate_is_merged_whole_instead_of_keeping_its_dead_half(kv, tmp_path):
+    store = SessionStore(tmp_path)
+    for n in (BLOCK_TOKENS, 2 * BLOCK_TOKENS + 40):
+        index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert pack_blocks(index) == [2, "t"]
+    # back into block 1 and the same tokens again: blocks 1 on are written again, block 0 with them
+    store.save("a", messages=[], tokens=list(range(n)), caches=caches_of(kv, n), cache_config=CONFIG, model_name="m",
+               model_fingerprint="f", sampling={}, title="a", changed_from=BLOCK_TOKENS + 10)
+    index = store.index("a")[0]
+    assert pack_blocks(index) == [2, "t"] and kv_files(store) == set(packs(index))  # no pack half dead
+    assert loads_as(store, "a", caches_of(kv, n))

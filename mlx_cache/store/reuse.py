@@ -137,12 +137,14 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
     """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
 
     Only packs whose every block this save keeps, ending where the run
-    starts, are taken, and none that another index names (a fork's, or a
+    starts (or, for the nearest, running on into it with blocks this save
+    writes again), are taken, and none that another index names (a fork's, or a
     session that shares a prompt): each would otherwise keep a copy of its
     own. Their blocks leave `kept` and `packs` (the caller writes them again
     from memory, which holds the same bytes) and the old files are dropped
     with the index that named them. `named_elsewhere` is asked only when a
-    merge is possible (None: unknown, so nothing is merged). Returns the runs and the set of those that grew.
+    merge is possible (None: unknown, so nothing is merged). Returns the
+    runs and the set of those that grew.
     """
     out: list[tuple[int, int]] = []
     grown: set[tuple[int, int]] = set()
@@ -158,9 +160,14 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
             p = packs[kept[bi]["file"]]
             first = p["start"] // BLOCK_TOKENS  # blocks start at multiples of BLOCK_TOKENS
             whole = all(kept.get(j, {}).get("file") == p["file"] for j in range(first, bi))
-            if p["end"] != bounds[bi][1] or bounds[first][0] != p["start"] or not whole:
+            # The nearest pack may run on into the run: blocks a regenerate or an edit wrote
+            # again. Taking what is left of it frees it instead of keeping its dead part.
+            runs_on = p["end"] > bounds[bi][1] and bi == a - 1 and not any(
+                e["file"] == p["file"] for j, e in kept.items() if j >= a)
+            if (p["end"] != bounds[bi][1] and not runs_on) or bounds[first][0] != p["start"] or not whole:
                 break  # a pack that runs on past our blocks, or one we use only part of: not ours to rewrite
-            before.append((first, p["end"] - p["start"], p["bytes"]))
+            used = bounds[bi][1] - p["start"]
+            before.append((first, used, p["bytes"] * used // (p["end"] - p["start"])))
             bi = first - 1
         take = packs_to_merge(bounds[b - 1][1] - bounds[a][0], [(t, n) for _, t, n in before])
         if take:
