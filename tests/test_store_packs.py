@@ -521,3 +521,20 @@ def test_a_pack_cut_by_a_regenerate_is_merged_whole_instead_of_keeping_its_dead_
     index = store.index("a")[0]
     assert pack_blocks(index) == [2, "t"] and kv_files(store) == set(packs(index))  # no pack half dead
     assert loads_as(store, "a", caches_of(kv, n))
+
+
+def test_a_half_dead_pack_further_back_is_merged_too(kv, tmp_path, monkeypatch):
+    from mlx_cache.store import packs as packs_module
+
+    store = SessionStore(tmp_path)
+    monkeypatch.setattr(packs_module, "MERGE_BYTES", 0)  # first a chat whose regenerate left a pack half used
+    save(store, "a", list(range(2 * BLOCK_TOKENS)), caches_of(kv, 2 * BLOCK_TOKENS))
+    n = 3 * BLOCK_TOKENS
+    store.save("a", messages=[], tokens=list(range(n)), caches=caches_of(kv, n), cache_config=CONFIG, model_name="m",
+               model_fingerprint="f", sampling={}, title="a", changed_from=BLOCK_TOKENS + 10)
+    index = store.index("a")[0]
+    assert [(p["start"], p["end"]) for p in index["kv"]["packs"]] == [(0, 2 * BLOCK_TOKENS), (BLOCK_TOKENS, n)]
+    monkeypatch.undo()
+    n = 5 * BLOCK_TOKENS  # two new blocks: they take the 2-block pack, then what is left of the half-dead one
+    index = save(store, "a", list(range(n)), caches_of(kv, n))
+    assert pack_blocks(index) == [5] and kv_files(store) == set(packs(index)) and loads_as(store, "a", caches_of(kv, n))

@@ -137,8 +137,8 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
     """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
 
     Only packs whose every block this save keeps, ending where the run
-    starts (or, for the nearest, running on into it with blocks this save
-    writes again), are taken, and none that another index names (a fork's, or a
+    starts (or running on past the blocks taken from it, with blocks that
+    were written again since), are taken, and none that another index names (a fork's, or a
     session that shares a prompt): each would otherwise keep a copy of its
     own. Their blocks leave `kept` and `packs` (the caller writes them again
     from memory, which holds the same bytes) and the old files are dropped
@@ -160,10 +160,9 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
             p = packs[kept[bi]["file"]]
             first = p["start"] // BLOCK_TOKENS  # blocks start at multiples of BLOCK_TOKENS
             whole = all(kept.get(j, {}).get("file") == p["file"] for j in range(first, bi))
-            # The nearest pack may run on into the run: blocks a regenerate or an edit wrote
-            # again. Taking what is left of it frees it instead of keeping its dead part.
-            runs_on = p["end"] > bounds[bi][1] and bi == a - 1 and not any(
-                e["file"] == p["file"] for j, e in kept.items() if j >= a)
+            # A pack may run on past the blocks we take from it: blocks a regenerate or an edit
+            # wrote again elsewhere. Taking what is left of it frees it instead of its dead part.
+            runs_on = p["end"] > bounds[bi][1] and not any(e["file"] == p["file"] for j, e in kept.items() if j > bi)
             if (p["end"] != bounds[bi][1] and not runs_on) or bounds[first][0] != p["start"] or not whole:
                 break  # a pack that runs on past our blocks, or one we use only part of: not ours to rewrite
             used = bounds[bi][1] - p["start"]
