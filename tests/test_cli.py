@@ -196,3 +196,13 @@ def test_ask_refuses_a_session_open_elsewhere_before_loading_the_model(tmp_path,
         lock.release()
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "busy" in r.stderr and "Loading" not in r.stderr  # refused first: no model read (nor even looked for)
+
+
+def test_a_saved_chats_name_given_as_a_command_points_to_session(tiny_model_dirs, tmp_path):
+    r = kvchat("ask", "hi", "-m", str(tiny_model_dirs["llama"]), "--max-tokens", "2", "--session", "trip", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = kvchat("trip", home=tmp_path)
+    assert r.returncode == 2 and r.stderr == ("kvchat: 'trip' is a saved chat, not a command: run 'kvchat --session trip' "
+                                              "to open it.\n")
+    r = kvchat("tripp", home=tmp_path)
+    assert r.returncode == 2 and "invalid choice: 'tripp'" in r.stderr and "Traceback" not in r.stderr

@@ -28,8 +28,22 @@ class Parser(argparse.ArgumentParser):
         ours = re.match(r"argument [^:]+: (--[\w-]+ .*)\Z", message, re.S)
         if ours:  # a sentence of our own from a flag's type function: it names the flag already
             self.exit(EXIT_USAGE, f"kvchat: {ours.group(1)}\n")
+        chat = re.match(r"argument COMMAND: invalid choice: '([^']*)'", message)
+        if chat and _is_saved_chat(chat.group(1)):  # `kvchat trip` for the chat named trip
+            name = chat.group(1)
+            self.exit(EXIT_USAGE, f"kvchat: {name!r} is a saved chat, not a command: run 'kvchat --session {name}' "
+                                  "to open it.\n")
         message = message[0].upper() + message[1:]
         self.exit(EXIT_USAGE, f"kvchat: {message}. Run '{self.prog} --help' for the options.\n")
+
+
+def _is_saved_chat(name: str) -> bool:
+    from mlx_cache.store import SessionStore
+
+    try:
+        return SessionStore().exists(name)
+    except Exception:  # a name the store refuses, an unreadable folder: then it is just a wrong command
+        return False
 
 
 def number(flag: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
