@@ -38,11 +38,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def _is_saved_chat(name: str) -> bool:
-    from mlx_cache.store import SessionStore
+    from mlx_cache.store import SessionStore, StoreError
 
     try:
         return SessionStore().exists(name)
-    except Exception:  # a name the store refuses, an unreadable folder: then it is just a wrong command
+    except (StoreError, OSError):  # a name the store refuses, an unreadable folder: then it is just a wrong command
         return False
 
 

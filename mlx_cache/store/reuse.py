@@ -95,18 +95,18 @@ def shared(folder: Path, alt_names: "AltNames", ours: PlaneRows, keys: list[str]
     :func:`reusable`).
     """
     plain = folder / f"{keys[a]}.safetensors"
-    m, pack, taken = shared_from(plain, ours, keys, bounds, a, b)
+    m, pack, taken = _shared_one(plain, ours, keys, bounds, a, b)
     if m:
         return m, pack, taken
     for path in alt_names(keys[a]):
-        m, pack, _ = shared_from(path, ours, keys, bounds, a, b)
+        m, pack, _ = _shared_one(path, ours, keys, bounds, a, b)
         if m:
             return m, pack, taken
     return 0, None, taken
 
 
-def shared_from(path: Path, ours: PlaneRows, keys: list[str], bounds: list[tuple[int, int]], a: int, b: int
-                 ) -> tuple[int, dict[str, Any] | None, bool]:
+def _shared_one(path: Path, ours: PlaneRows, keys: list[str], bounds: list[tuple[int, int]], a: int, b: int
+                ) -> tuple[int, dict[str, Any] | None, bool]:
     """shared() for one file: (blocks shared, its entry, whether the file exists)."""
     try:
         size = path.stat().st_size
@@ -137,10 +137,9 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
     """Runs of full new blocks grown back over the small packs before them (packs.packs_to_merge).
 
     Only packs whose every block this save keeps, ending where the run
-    starts (or running on past the blocks taken from it, with blocks that
-    were written again since), are taken, and none that another index names (a fork's, or a
-    session that shares a prompt): each would otherwise keep a copy of its
-    own. Their blocks leave `kept` and `packs` (the caller writes them again
+    starts (or running on past them, into blocks written again since), are
+    taken, and none that another index names (a fork's, or a session that
+    shares a prompt): each would otherwise keep a copy of its own. Their blocks leave `kept` and `packs` (the caller writes them again
     from memory, which holds the same bytes) and the old files are dropped
     with the index that named them. `named_elsewhere` is asked only when a
     merge is possible (None: unknown, so nothing is merged). Returns the
@@ -159,12 +158,13 @@ def merge_small(runs: list[tuple[int, int]], kept: dict[int, dict[str, Any]], pa
         while bi >= 0 and bi in kept:
             p = packs[kept[bi]["file"]]
             first = p["start"] // BLOCK_TOKENS  # blocks start at multiples of BLOCK_TOKENS
-            whole = all(kept.get(j, {}).get("file") == p["file"] for j in range(first, bi))
-            # A pack may run on past the blocks we take from it: blocks a regenerate or an edit
-            # wrote again elsewhere. Taking what is left of it frees it instead of its dead part.
-            runs_on = p["end"] > bounds[bi][1] and not any(e["file"] == p["file"] for j, e in kept.items() if j > bi)
-            if (p["end"] != bounds[bi][1] and not runs_on) or bounds[first][0] != p["start"] or not whole:
-                break  # a pack that runs on past our blocks, or one we use only part of: not ours to rewrite
+            last = min(-(-p["end"] // BLOCK_TOKENS), len(bounds))  # one past its last block we could use
+            # The blocks we take from it must be first..bi: all of its start, and none past bi. It may
+            # run on past bi (blocks a regenerate or an edit wrote again elsewhere): taking what is
+            # left of it then frees it instead of keeping its dead part.
+            if bounds[first][0] != p["start"] or any(
+                    (kept.get(j, {}).get("file") == p["file"]) != (j <= bi) for j in range(first, last)):
+                break  # one we use only part of: not ours to rewrite
             used = bounds[bi][1] - p["start"]
             before.append((first, used, p["bytes"] * used // (p["end"] - p["start"])))
             bi = first - 1

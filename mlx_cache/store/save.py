@@ -28,9 +28,9 @@ import mlx.core as mx
 
 from ..config import CacheConfig
 from . import checksum, durable, tensorfile
+from .errors import StoreError
 from .index import (BLOCK_TOKENS, FORMAT_NAME, FORMAT_VERSION, canonical_json, chain_keys, checksum_of, file_entries,
                     index_bytes, packs_of)
-from .errors import StoreError
 from .layers import checkpoint_arrays, describe, snapshot_arrays
 from .manage import references
 from .packs import block_bounds, plane_rows
